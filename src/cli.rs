@@ -1,0 +1,17 @@
+//! Command-line interface: one clap struct per subcommand, defined next to its command.
+//! Parsing only validates; it never opens a connection.
+
+use clap::{Parser, Subcommand};
+
+/// Move a self-hosted mail server from one Debian host to another, verified.
+#[derive(Parser, Debug)]
+#[command(name = "relaymove", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    Sync(crate::commands::sync::SyncCmd),
+}
