@@ -14,4 +14,6 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     Sync(crate::commands::sync::SyncCmd),
+    #[command(hide = true)]
+    Agent(crate::commands::agent::AgentCmd),
 }

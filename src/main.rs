@@ -5,6 +5,9 @@
 
 mod cli;
 mod commands;
+mod remote;
+mod report;
+mod sync;
 
 use clap::Parser;
 

@@ -1,5 +1,6 @@
 //! Subcommands: thin layers that read options, call the engine and pick the output format.
 
+pub mod agent;
 pub mod sync;
 
 use crate::cli::{Cli, Command};
@@ -8,5 +9,6 @@ use crate::cli::{Cli, Command};
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Sync(cmd) => sync::run(cmd),
+        Command::Agent(cmd) => agent::run(cmd),
     }
 }

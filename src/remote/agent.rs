@@ -1,0 +1,281 @@
+//! Starting agents: locally as a child process of this binary, remotely over SSH after
+//! making sure the host has this exact binary.
+//!
+//! SSH is the system OpenSSH through the `openssh` crate, so `~/.ssh/config`, ssh-agent and
+//! known_hosts work as users expect. Host keys are checked strictly, and agent forwarding is
+//! forced off: our generated config sets `ForwardAgent no` before including the user's
+//! configuration, and the first value ssh reads wins.
+//!
+//! The agent lives at `/var/lib/relaymove/bin/relaymove-<sha256>` (root-only) or, for other
+//! users, under `~/.local/lib/relaymove/bin/`. It is uploaded only when absent or different.
+
+use crate::remote::endpoint::RemotePath;
+use anyhow::{anyhow, bail, Context, Result};
+use openssh::{KnownHosts, Session, SessionBuilder, Stdio};
+use sha2::{Digest as _, Sha256};
+use std::ffi::{OsStr, OsString};
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::task::JoinHandle;
+
+#[derive(Debug, Clone, Default)]
+pub struct SshOptions {
+    /// Used instead of `~/.ssh/config` (`ssh -F`).
+    pub config: Option<PathBuf>,
+}
+
+pub enum Host {
+    Local { exe: PathBuf },
+    Remote { session: Arc<Session>, exe: OsString, label: String, _config: tempfile::NamedTempFile },
+}
+
+/// Quotes raw bytes for the remote POSIX shell.
+pub fn shell_quote(arg: &[u8]) -> OsString {
+    let mut out = b"'".to_vec();
+    for &b in arg {
+        if b == b'\'' {
+            out.extend_from_slice(b"'\\''");
+        } else {
+            out.push(b);
+        }
+    }
+    out.push(b'\'');
+    OsString::from(OsStr::from_bytes(&out))
+}
+
+fn ssh_config(opts: &SshOptions) -> Result<tempfile::NamedTempFile> {
+    let mut file = tempfile::Builder::new().prefix("relaymove-ssh").tempfile().context("creating a temporary ssh config")?;
+    let mut text = String::from("# written by relaymove: these first values win over the included ones\nForwardAgent no\nForwardX11 no\n");
+    let user_config = match &opts.config {
+        Some(p) => Some(std::fs::canonicalize(p).with_context(|| format!("reading ssh config {}", p.display()))?),
+        None => std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".ssh/config")).filter(|p| p.exists()),
+    };
+    for inc in user_config.iter().map(|p| p.as_path()).chain([Path::new("/etc/ssh/ssh_config")]) {
+        if inc.exists() {
+            text.push_str(&format!("Include \"{}\"\n", inc.display()));
+        }
+    }
+    file.write_all(text.as_bytes())?;
+    Ok(file)
+}
+
+const AGENT_CHECK: &str = r#"set -e
+if [ "$(id -u)" = 0 ]; then d=/var/lib/relaymove; else d="${HOME:?}/.local/lib/relaymove"; fi
+umask 077
+mkdir -p "$d/bin"
+chmod 700 "$d"
+f="$d/bin/relaymove-$1"
+if [ -x "$f" ] && [ "$(sha256sum < "$f" | cut -d' ' -f1)" = "$1" ]; then echo "ok $f"; else echo "need $f"; fi
+"#;
+
+const AGENT_INSTALL: &str = r#"set -e
+umask 077
+cat > "$1.part"
+chmod 700 "$1.part"
+mv "$1.part" "$1"
+"#;
+
+impl Host {
+    pub fn local() -> Result<Host> {
+        Ok(Host::Local { exe: std::env::current_exe().context("finding this program's path")? })
+    }
+
+    pub fn label(&self) -> &str {
+        match self {
+            Host::Local { .. } => "this host",
+            Host::Remote { label, .. } => label,
+        }
+    }
+
+    pub async fn connect(remote: &RemotePath, opts: &SshOptions) -> Result<Host> {
+        let label = match &remote.user {
+            Some(u) => format!("{u}@{}", remote.host),
+            None => remote.host.clone(),
+        };
+        let config = ssh_config(opts)?;
+        let mut builder = SessionBuilder::default();
+        builder
+            .known_hosts_check(KnownHosts::Strict)
+            .config_file(config.path())
+            .control_directory(std::env::temp_dir())
+            .connect_timeout(Duration::from_secs(15))
+            .server_alive_interval(Duration::from_secs(10));
+        if let Some(u) = &remote.user {
+            builder.user(u.clone());
+        }
+        if let Some(p) = remote.port {
+            builder.port(p);
+        }
+        let session = builder.connect(&remote.host).await.map_err(|e| {
+            anyhow!(
+                "cannot connect to {label} over SSH: {e}\nhint: check that `ssh {label}` works without a prompt \
+                 (key in ssh-agent or IdentityFile, host key in known_hosts: relaymove checks host keys strictly)"
+            )
+        })?;
+        let session = Arc::new(session);
+        let exe = install_agent(&session, &label).await?;
+        Ok(Host::Remote { session, exe, label, _config: config })
+    }
+
+    /// Starts `relaymove agent ARGS…` on this host with piped stdin, stdout and stderr.
+    pub async fn spawn(&self, args: &[OsString]) -> Result<AgentProcess> {
+        let what = args.iter().take(2).map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ");
+        match self {
+            Host::Local { exe } => {
+                let mut child = tokio::process::Command::new(exe)
+                    .args(args)
+                    .stdin(std::process::Stdio::piped())
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .kill_on_drop(true)
+                    .spawn()
+                    .with_context(|| format!("starting {}", exe.display()))?;
+                let stdin = child.stdin.take().map(|s| Box::pin(s) as Pin<Box<dyn AsyncWrite + Send>>);
+                let stdout = child.stdout.take().map(|s| Box::pin(s) as Pin<Box<dyn AsyncRead + Send>>);
+                let stderr = child.stderr.take().map(|s| Box::pin(s) as Pin<Box<dyn AsyncRead + Send>>);
+                Ok(AgentProcess::new(stdin, stdout, stderr, Waiter::Local(child), self.label(), what))
+            }
+            Host::Remote { session, exe, label, .. } => {
+                let mut cmd = session.clone().arc_raw_command(exe);
+                for a in args {
+                    cmd.raw_arg(shell_quote(a.as_bytes()));
+                }
+                let mut child = cmd
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .await
+                    .with_context(|| format!("starting the agent on {label}"))?;
+                let stdin = child.stdin().take().map(|s| Box::pin(s) as Pin<Box<dyn AsyncWrite + Send>>);
+                let stdout = child.stdout().take().map(|s| Box::pin(s) as Pin<Box<dyn AsyncRead + Send>>);
+                let stderr = child.stderr().take().map(|s| Box::pin(s) as Pin<Box<dyn AsyncRead + Send>>);
+                Ok(AgentProcess::new(stdin, stdout, stderr, Waiter::Remote(child), label, what))
+            }
+        }
+    }
+
+    pub async fn close(self) {
+        if let Host::Remote { session, .. } = self {
+            if let Ok(session) = Arc::try_unwrap(session) {
+                let _ = session.close().await;
+            }
+        }
+    }
+}
+
+async fn install_agent(session: &Arc<Session>, label: &str) -> Result<OsString> {
+    let exe = std::env::current_exe().context("finding this program's path")?;
+    let bytes = tokio::fs::read(&exe).await.with_context(|| format!("reading {}", exe.display()))?;
+    let digest = crate::sync::hash_cache::hex(&Sha256::digest(&bytes));
+    let check = session
+        .command("sh")
+        .arg("-c")
+        .arg(AGENT_CHECK)
+        .arg("relaymove")
+        .arg(&digest)
+        .output()
+        .await
+        .with_context(|| format!("checking for the agent on {label}"))?;
+    if !check.status.success() {
+        bail!(
+            "checking for the agent on {label} failed: {}",
+            String::from_utf8_lossy(&check.stderr).trim()
+        );
+    }
+    let answer = String::from_utf8_lossy(&check.stdout).trim().to_string();
+    let (state, path) = answer.split_once(' ').ok_or_else(|| anyhow!("unexpected answer from {label}: {answer:?}"))?;
+    if state == "need" {
+        let mut child = session
+            .command("sh")
+            .arg("-c")
+            .arg(AGENT_INSTALL)
+            .arg("relaymove")
+            .arg(path)
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .await
+            .with_context(|| format!("uploading the agent to {label}"))?;
+        let mut stdin = child.stdin().take().ok_or_else(|| anyhow!("no stdin for the upload"))?;
+        stdin.write_all(&bytes).await.with_context(|| format!("uploading the agent to {label}"))?;
+        drop(stdin);
+        let out = child.wait_with_output().await?;
+        if !out.status.success() {
+            bail!("uploading the agent to {label}:{path} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+    }
+    Ok(OsString::from(path))
+}
+
+enum Waiter {
+    Local(tokio::process::Child),
+    Remote(openssh::Child<Arc<Session>>),
+}
+
+pub struct AgentProcess {
+    pub stdin: Option<Pin<Box<dyn AsyncWrite + Send>>>,
+    pub stdout: Option<Pin<Box<dyn AsyncRead + Send>>>,
+    stderr: JoinHandle<String>,
+    waiter: Waiter,
+    pub label: String,
+    pub what: String,
+}
+
+impl AgentProcess {
+    fn new(
+        stdin: Option<Pin<Box<dyn AsyncWrite + Send>>>,
+        stdout: Option<Pin<Box<dyn AsyncRead + Send>>>,
+        stderr: Option<Pin<Box<dyn AsyncRead + Send>>>,
+        waiter: Waiter,
+        label: &str,
+        what: String,
+    ) -> AgentProcess {
+        // Read stderr concurrently so a chatty agent never blocks on a full pipe.
+        let stderr = tokio::spawn(async move {
+            let mut text = String::new();
+            if let Some(mut s) = stderr {
+                let mut buf = Vec::new();
+                let _ = s.read_to_end(&mut buf).await;
+                text = String::from_utf8_lossy(&buf).into_owned();
+            }
+            text
+        });
+        AgentProcess { stdin, stdout, stderr, waiter, label: label.to_string(), what }
+    }
+
+    pub fn take_stdin(&mut self) -> Result<Pin<Box<dyn AsyncWrite + Send>>> {
+        self.stdin.take().ok_or_else(|| anyhow!("bug: agent stdin already taken"))
+    }
+
+    pub fn take_stdout(&mut self) -> Result<Pin<Box<dyn AsyncRead + Send>>> {
+        self.stdout.take().ok_or_else(|| anyhow!("bug: agent stdout already taken"))
+    }
+
+    /// Waits for the agent to exit; a failure carries what it printed on stderr.
+    pub async fn finish(mut self) -> Result<()> {
+        if let Some(mut stdin) = self.stdin.take() {
+            let _ = stdin.flush().await;
+        }
+        let status = match self.waiter {
+            Waiter::Local(mut child) => child.wait().await.map_err(|e| anyhow!(e)),
+            Waiter::Remote(child) => child.wait().await.map_err(|e| anyhow!(e)),
+        };
+        let stderr = self.stderr.await.unwrap_or_default();
+        let stderr = stderr.trim();
+        let (label, what) = (&self.label, &self.what);
+        match status {
+            Ok(s) if s.success() => Ok(()),
+            Ok(s) => {
+                let detail = if stderr.is_empty() { format!("exit status {s}") } else { stderr.to_string() };
+                bail!("{what} on {label} failed: {}", detail.trim_start_matches("relaymove: "))
+            }
+            Err(e) => bail!("{what} on {label}: connection lost ({e}){}", if stderr.is_empty() { String::new() } else { format!(": {stderr}") }),
+        }
+    }
+}

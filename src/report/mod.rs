@@ -1,0 +1,3 @@
+//! How results and progress reach people and scripts. Logic never prints; it hands data here.
+
+pub mod progress;

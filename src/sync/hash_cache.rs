@@ -1,0 +1,204 @@
+//! A per-tree cache of content hashes, keyed by path and validated by inode, size, mtime and
+//! ctime, so repeated passes over an unchanged tree do not re-read it.
+//!
+//! Why ctime: no user-space call can set it, so any write, chmod, chown or rename of the inode
+//! changes it; an entry whose four stamps all match describes the same bytes.
+//! The cache lives in `/var/lib/relaymove/cache` for root (else `$XDG_CACHE_HOME/relaymove` or
+//! `~/.cache/relaymove`; `RELAYMOVE_CACHE_DIR` overrides), one file per tree, mode 0600.
+
+use crate::sync::manifest::Digest;
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// The stamps that must all match for a cached hash to be trusted.
+#[derive(Serialize, Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Stamp {
+    pub ino: u64,
+    pub size: u64,
+    pub mtime: i64,
+    pub mtime_nsec: i64,
+    pub ctime: i64,
+    pub ctime_nsec: i64,
+}
+
+impl Stamp {
+    pub fn of(meta: &fs::Metadata) -> Stamp {
+        Stamp {
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: meta.mtime(),
+            mtime_nsec: meta.mtime_nsec(),
+            ctime: meta.ctime(),
+            ctime_nsec: meta.ctime_nsec(),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Default)]
+struct CacheFile {
+    entries: Vec<(Vec<u8>, Stamp, Digest)>,
+}
+
+pub struct HashCache {
+    file: Option<PathBuf>,
+    map: HashMap<Vec<u8>, (Stamp, Digest)>,
+    dirty: bool,
+}
+
+impl HashCache {
+    /// Opens the cache for the tree at `root`. A missing or unreadable cache is empty; the
+    /// cache only ever saves work, it never decides anything on its own.
+    pub fn open(root: &Path) -> HashCache {
+        let file = cache_dir().map(|dir| {
+            let canonical = fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
+            let key = Sha256::digest(canonical.as_os_str().as_bytes());
+            dir.join(format!("{}.hashes", hex(&key[..16])))
+        });
+        let map = file
+            .as_ref()
+            .and_then(|f| fs::read(f).ok())
+            .and_then(|bytes| zstd::decode_all(&bytes[..]).ok())
+            .and_then(|raw| postcard::from_bytes::<CacheFile>(&raw).ok())
+            .map(|c| c.entries.into_iter().map(|(p, s, d)| (p, (s, d))).collect())
+            .unwrap_or_default();
+        HashCache {
+            file,
+            map,
+            dirty: false,
+        }
+    }
+
+    /// A cache that remembers nothing and saves nowhere.
+    #[cfg(test)]
+    pub fn disabled() -> HashCache {
+        HashCache {
+            file: None,
+            map: HashMap::new(),
+            dirty: false,
+        }
+    }
+
+    pub fn get(&self, path: &[u8], stamp: &Stamp) -> Option<Digest> {
+        match self.map.get(path) {
+            Some((s, d)) if s == stamp => Some(*d),
+            _ => None,
+        }
+    }
+
+    pub fn put(&mut self, path: &[u8], stamp: Stamp, digest: Digest) {
+        self.map.insert(path.to_vec(), (stamp, digest));
+        self.dirty = true;
+    }
+
+    pub fn remove(&mut self, path: &[u8]) {
+        if self.map.remove(path).is_some() {
+            self.dirty = true;
+        }
+    }
+
+    /// Drops entries for paths no longer in the tree.
+    pub fn retain(&mut self, keep: impl Fn(&[u8]) -> bool) {
+        let before = self.map.len();
+        self.map.retain(|p, _| keep(p));
+        self.dirty |= self.map.len() != before;
+    }
+
+    /// Writes the cache atomically (temp file, rename). Failure to save is not fatal to a sync.
+    pub fn save(&mut self) -> Result<()> {
+        let Some(file) = &self.file else {
+            return Ok(());
+        };
+        if !self.dirty {
+            return Ok(());
+        }
+        let dir = file.parent().context("cache path has no parent")?;
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let cache = CacheFile {
+            entries: self
+                .map
+                .iter()
+                .map(|(p, (s, d))| (p.clone(), *s, *d))
+                .collect(),
+        };
+        let raw = postcard::to_stdvec(&cache).context("encoding the hash cache")?;
+        let packed = zstd::encode_all(&raw[..], 1).context("compressing the hash cache")?;
+        let tmp = file.with_extension(format!("tmp{}", std::process::id()));
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        f.write_all(&packed)?;
+        drop(f);
+        fs::rename(&tmp, file).with_context(|| format!("renaming to {}", file.display()))?;
+        self.dirty = false;
+        Ok(())
+    }
+}
+
+fn cache_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("RELAYMOVE_CACHE_DIR") {
+        return (!dir.is_empty()).then(|| PathBuf::from(dir));
+    }
+    if nix::unistd::geteuid().is_root() {
+        return Some(PathBuf::from("/var/lib/relaymove/cache"));
+    }
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME") {
+        return Some(PathBuf::from(x).join("relaymove"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/relaymove"))
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn parse_hex_digest(s: &str) -> Option<Digest> {
+    if s.len() != 64 || !s.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trip() {
+        let d: Digest = Sha256::digest(b"abc").into();
+        assert_eq!(parse_hex_digest(&hex(&d)), Some(d));
+        assert_eq!(parse_hex_digest("zz"), None);
+        assert_eq!(parse_hex_digest(&"g".repeat(64)), None);
+    }
+
+    #[test]
+    fn a_changed_stamp_misses() {
+        let mut c = HashCache::disabled();
+        let s = Stamp {
+            ino: 1,
+            size: 2,
+            mtime: 3,
+            mtime_nsec: 4,
+            ctime: 5,
+            ctime_nsec: 6,
+        };
+        c.put(b"a", s, [7; 32]);
+        assert_eq!(c.get(b"a", &s), Some([7; 32]));
+        assert_eq!(c.get(b"a", &Stamp { ctime_nsec: 9, ..s }), None);
+        assert_eq!(c.get(b"b", &s), None);
+    }
+}

@@ -1,0 +1,581 @@
+//! The delta: from the SRC and DEST manifests, what the receiver must do so DEST mirrors SRC.
+//! Pure computation, no I/O; the controller runs it, the agents carry it out.
+//!
+//! Order of the receiver's work, and why:
+//! 1. `reuse`: content already in DEST under another name (a Maildir flag rename `…:2,` →
+//!    `…:2,S`, a `new/` → `cur/` move) is linked or copied aside first, before any delete can
+//!    remove it.
+//! 2. `delete`: extraneous entries and entries whose type changes, top-most first.
+//! 3. `mkdir`, parents first, then the reused content is put in place.
+//! 4. `send`: the stream; each file lands under a temp name, is verified, then renamed.
+//! 5. `link`: further names of inodes placed by 3 or already in DEST (hard-link groups).
+//! 6. `meta`, then `dirs` deepest first: writing into a directory changes its mtime.
+
+use crate::sync::manifest::{Digest, Entry, Kind, Manifest, Meta};
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PlanOptions {
+    pub delete: bool,
+    pub checksum: bool,
+    pub allow_empty_source: bool,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReuseMode {
+    /// The old name goes away, so a hard link then the delete amounts to a rename.
+    Link,
+    /// The old name stays (or shares its inode), so the content is copied locally.
+    Copy,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Reuse {
+    pub from: Vec<u8>,
+    pub to: Vec<u8>,
+    pub mode: ReuseMode,
+    /// The receiver checks `from` still has this content before using it.
+    pub digest: Digest,
+    pub meta: Meta,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct SendItem {
+    pub path: Vec<u8>,
+    pub kind: Kind,
+    /// For a hard-link group: the earlier member this one is a link to.
+    pub link_to: Option<Vec<u8>>,
+    pub size: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    /// An existing name (already in DEST, or placed earlier in this run).
+    pub from: Vec<u8>,
+    pub to: Vec<u8>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct MetaUpdate {
+    pub path: Vec<u8>,
+    pub kind: Kind,
+    pub meta: Meta,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct PlanStats {
+    pub files_to_send: u64,
+    pub bytes_to_send: u64,
+    /// Entries placed by rename, link or local copy instead of being sent.
+    pub renamed: u64,
+    pub hardlinks: u64,
+    /// DEST entries removed, counting everything under a removed directory.
+    pub deleted: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default)]
+pub struct Plan {
+    pub reuse: Vec<Reuse>,
+    pub delete: Vec<Vec<u8>>,
+    pub mkdir: Vec<Vec<u8>>,
+    pub send: Vec<SendItem>,
+    pub link: Vec<Link>,
+    pub meta: Vec<MetaUpdate>,
+    pub dirs: Vec<MetaUpdate>,
+    pub stats: PlanStats,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.reuse.is_empty()
+            && self.delete.is_empty()
+            && self.mkdir.is_empty()
+            && self.send.is_empty()
+            && self.link.is_empty()
+            && self.meta.is_empty()
+            && self.dirs.is_empty()
+    }
+}
+
+/// Paths whose content hashes are needed to recognise content DEST already has.
+#[derive(Serialize, Deserialize, Debug, Default, PartialEq, Eq)]
+pub struct HashRequest {
+    pub src: Vec<Vec<u8>>,
+    pub dest: Vec<Vec<u8>>,
+}
+
+fn content_same(s: &Entry, d: &Entry, checksum: bool) -> bool {
+    if s.kind != Kind::File || d.kind != Kind::File || s.size != d.size {
+        return false;
+    }
+    if checksum {
+        matches!((s.hash, d.hash), (Some(a), Some(b)) if a == b)
+    } else {
+        s.meta.same_mtime(&d.meta)
+    }
+}
+
+fn meta_same(s: &Entry, d: &Entry) -> bool {
+    let mode_ok = s.kind == Kind::Symlink || s.meta.mode == d.meta.mode;
+    mode_ok && s.meta.same_owner(&d.meta) && s.meta.same_mtime(&d.meta)
+}
+
+fn index(m: &Manifest) -> HashMap<&[u8], &Entry> {
+    m.entries.iter().map(|e| (e.path.as_slice(), e)).collect()
+}
+
+fn parent(path: &[u8]) -> &[u8] {
+    match path.iter().rposition(|&b| b == b'/') {
+        Some(i) => &path[..i],
+        None => b"",
+    }
+}
+
+/// The strict ancestors of a relative path, nearest first, excluding the root.
+fn ancestors(path: &[u8]) -> impl Iterator<Item = &[u8]> {
+    path.iter()
+        .enumerate()
+        .rev()
+        .filter(|(_, &b)| b == b'/')
+        .map(move |(i, _)| &path[..i])
+}
+
+/// Phase one: which files to hash so that content moved within DEST is found, not re-sent.
+/// Candidates match on size and mtime (a Maildir rename keeps both); hashes confirm.
+pub fn hash_request(src: &Manifest, dest: &Manifest, opts: &PlanOptions) -> HashRequest {
+    if opts.checksum {
+        return HashRequest::default();
+    }
+    let dest_by_path = index(dest);
+    let mut wanted: HashMap<(u64, i64, u32), Vec<&[u8]>> = HashMap::new();
+    for s in src.entries.iter().filter(|e| e.kind == Kind::File && e.size > 0) {
+        let same = dest_by_path
+            .get(s.path.as_slice())
+            .is_some_and(|d| content_same(s, d, false));
+        if !same {
+            wanted
+                .entry((s.size, s.meta.mtime, s.meta.mtime_nsec))
+                .or_default()
+                .push(&s.path);
+        }
+    }
+    let mut req = HashRequest::default();
+    let mut src_keys = HashSet::new();
+    for d in dest.entries.iter().filter(|e| e.kind == Kind::File) {
+        let key = (d.size, d.meta.mtime, d.meta.mtime_nsec);
+        if wanted.contains_key(&key) {
+            req.dest.push(d.path.clone());
+            src_keys.insert(key);
+        }
+    }
+    for key in src_keys {
+        req.src.extend(wanted[&key].iter().map(|p| p.to_vec()));
+    }
+    req.src.sort();
+    req
+}
+
+/// Phase two: the full plan. `src` and `dest` carry the hashes phase one asked for.
+pub fn build(src: &Manifest, dest: &Manifest, opts: &PlanOptions) -> Result<Plan> {
+    if !src.root_exists && !opts.allow_empty_source {
+        bail!("the source does not exist; pass --allow-empty-source to empty DEST");
+    }
+    let src_by_path = index(src);
+    let dest_by_path = index(dest);
+    let mut plan = Plan::default();
+
+    // Deletes: extraneous entries (unless --no-delete), type changes, crash leftovers.
+    let protected: HashSet<&[u8]> = src.skipped.iter().map(|s| s.path.as_slice()).collect();
+    let mut doomed: HashSet<&[u8]> = HashSet::new();
+    for d in dest.entries.iter().filter(|d| !d.path.is_empty()) {
+        match src_by_path.get(d.path.as_slice()) {
+            None if opts.delete && !protected.contains(d.path.as_slice()) => {
+                doomed.insert(&d.path);
+            }
+            Some(s) if s.kind != d.kind => {
+                doomed.insert(&d.path);
+            }
+            _ => {}
+        }
+    }
+    let leftovers: Vec<&[u8]> = dest.leftovers.iter().map(|p| p.as_slice()).collect();
+    let real_entries = |m: &Manifest| m.entries.iter().filter(|e| !e.path.is_empty()).count();
+    if !doomed.is_empty() && real_entries(src) == 0 && !opts.allow_empty_source {
+        bail!(
+            "the source is empty but DEST is not; refusing to delete {} entries from DEST \
+             (an unmounted disk or a wrong path?). Pass --allow-empty-source if DEST must be emptied",
+            doomed.len()
+        );
+    }
+    let all_doomed: HashSet<&[u8]> = doomed.iter().chain(leftovers.iter()).copied().collect();
+    let under_doomed = |p: &[u8]| ancestors(p).any(|a| all_doomed.contains(a));
+    let mut top: Vec<&[u8]> = all_doomed
+        .iter()
+        .copied()
+        .filter(|p| !under_doomed(p))
+        .collect();
+    top.sort();
+    plan.delete = top.iter().map(|p| p.to_vec()).collect();
+    let gone = |p: &[u8]| doomed.contains(p) || ancestors(p).any(|a| doomed.contains(a));
+    plan.stats.deleted = dest.entries.iter().filter(|d| !d.path.is_empty() && gone(&d.path)).count() as u64;
+
+    // Content already in DEST, by hash, for rename detection.
+    let mut dest_by_hash: HashMap<Digest, Vec<&Entry>> = HashMap::new();
+    for d in dest.entries.iter().filter(|d| d.kind == Kind::File) {
+        if let Some(h) = d.hash {
+            dest_by_hash.entry(h).or_default().push(d);
+        }
+    }
+    // A DEST name whose inode loses this name in the mirror can be moved instead of copied.
+    let released = |d: &Entry| -> bool {
+        d.nlink == 1
+            && match src_by_path.get(d.path.as_slice()) {
+                None => gone(&d.path),
+                Some(s) => !content_same(s, d, opts.checksum),
+            }
+    };
+    let mut link_used: HashSet<&[u8]> = HashSet::new();
+    // DEST inodes already claimed by a SRC hard-link group, so two groups never share one.
+    let mut claimed: HashMap<(u64, u64), (u64, u64)> = HashMap::new();
+    let mut groups_done: HashSet<(u64, u64)> = HashSet::new();
+    let mut groups: HashMap<(u64, u64), Vec<&Entry>> = HashMap::new();
+    for s in src.entries.iter().filter(|s| s.is_hardlinked()) {
+        groups.entry(s.inode()).or_default().push(s);
+    }
+    let mut changed_dirs: BTreeSet<Vec<u8>> = BTreeSet::new();
+
+    for s in &src.entries {
+        let d = dest_by_path
+            .get(s.path.as_slice())
+            .filter(|d| d.kind == s.kind);
+        match s.kind {
+            Kind::Dir => {
+                match d {
+                    None => {
+                        if !s.path.is_empty() || !dest.root_exists {
+                            plan.mkdir.push(s.path.clone());
+                        }
+                        changed_dirs.insert(s.path.clone());
+                    }
+                    Some(d) if !meta_same(s, d) => {
+                        changed_dirs.insert(s.path.clone());
+                    }
+                    Some(_) => {}
+                }
+                continue;
+            }
+            Kind::Symlink | Kind::Fifo => {
+                match d {
+                    Some(d) if s.kind == Kind::Fifo || s.target == d.target => {
+                        if !meta_same(s, d) {
+                            plan.meta.push(MetaUpdate {
+                                path: s.path.clone(),
+                                kind: s.kind,
+                                meta: s.meta.clone(),
+                            });
+                        }
+                    }
+                    _ => plan.send.push(SendItem {
+                        path: s.path.clone(),
+                        kind: s.kind,
+                        link_to: None,
+                        size: 0,
+                    }),
+                }
+                continue;
+            }
+            Kind::File => {}
+        }
+        let members: Vec<&Entry> = if s.is_hardlinked() {
+            if !groups_done.insert(s.inode()) {
+                continue;
+            }
+            groups[&s.inode()].clone()
+        } else {
+            vec![s]
+        };
+        let group_id = s.inode();
+        // The anchor: a member whose DEST name already has the right content, on an inode no
+        // other group claimed.
+        let mut anchor: Option<(&Entry, &Entry)> = None;
+        for m in &members {
+            let Some(md) = dest_by_path.get(m.path.as_slice()) else {
+                continue;
+            };
+            if !content_same(m, md, opts.checksum) {
+                continue;
+            }
+            if md.nlink > 1 {
+                let owner = claimed.entry(md.inode()).or_insert(group_id);
+                if *owner != group_id {
+                    continue;
+                }
+            }
+            anchor = Some((m, md));
+            break;
+        }
+        let rest_from: &Entry;
+        match anchor {
+            Some((a, ad)) => {
+                if !meta_same(a, ad) {
+                    plan.meta.push(MetaUpdate {
+                        path: a.path.clone(),
+                        kind: Kind::File,
+                        meta: a.meta.clone(),
+                    });
+                }
+                rest_from = a;
+            }
+            None => {
+                let primary = members[0];
+                let found = primary
+                    .hash
+                    .and_then(|h| dest_by_hash.get(&h))
+                    .and_then(|cands| {
+                        let cands: Vec<&&Entry> =
+                            cands.iter().filter(|c| c.size == primary.size).collect();
+                        cands
+                            .iter()
+                            .find(|c| released(c) && !link_used.contains(c.path.as_slice()))
+                            .map(|c| (**c, ReuseMode::Link))
+                            .or_else(|| cands.first().map(|c| (**c, ReuseMode::Copy)))
+                    });
+                match (found, primary.hash) {
+                    (Some((c, mode)), Some(digest)) => {
+                        if mode == ReuseMode::Link {
+                            link_used.insert(&c.path);
+                        }
+                        plan.reuse.push(Reuse {
+                            from: c.path.clone(),
+                            to: primary.path.clone(),
+                            mode,
+                            digest,
+                            meta: primary.meta.clone(),
+                        });
+                        plan.stats.renamed += 1;
+                    }
+                    _ => {
+                        plan.send.push(SendItem {
+                            path: primary.path.clone(),
+                            kind: Kind::File,
+                            link_to: None,
+                            size: primary.size,
+                        });
+                        plan.stats.files_to_send += 1;
+                        plan.stats.bytes_to_send += primary.size;
+                        for m in &members[1..] {
+                            plan.send.push(SendItem {
+                                path: m.path.clone(),
+                                kind: Kind::File,
+                                link_to: Some(primary.path.clone()),
+                                size: 0,
+                            });
+                            plan.stats.hardlinks += 1;
+                        }
+                        continue;
+                    }
+                }
+                rest_from = primary;
+            }
+        }
+        let placed_inode = dest_by_path
+            .get(rest_from.path.as_slice())
+            .filter(|d| anchor.is_some() && d.kind == Kind::File)
+            .map(|d| d.inode());
+        for m in members.iter().filter(|m| m.path != rest_from.path) {
+            let already = dest_by_path
+                .get(m.path.as_slice())
+                .is_some_and(|d| d.kind == Kind::File && Some(d.inode()) == placed_inode);
+            if !already {
+                plan.link.push(Link {
+                    from: rest_from.path.clone(),
+                    to: m.path.clone(),
+                });
+                plan.stats.hardlinks += 1;
+            }
+        }
+    }
+
+    // Directories whose contents change get their metadata restored afterwards.
+    let touched = plan
+        .delete
+        .iter()
+        .chain(plan.mkdir.iter())
+        .chain(plan.reuse.iter().map(|r| &r.to))
+        .chain(plan.send.iter().map(|s| &s.path))
+        .chain(plan.link.iter().map(|l| &l.to));
+    for p in touched {
+        if !p.is_empty() {
+            changed_dirs.insert(parent(p).to_vec());
+        }
+    }
+    let mut dirs: Vec<&Entry> = changed_dirs
+        .iter()
+        .filter_map(|p| src_by_path.get(p.as_slice()).copied())
+        .filter(|e| e.kind == Kind::Dir)
+        .collect();
+    // Deepest first; the root (empty path) last.
+    dirs.sort_by(|a, b| b.path.cmp(&a.path));
+    plan.dirs = dirs
+        .into_iter()
+        .map(|e| MetaUpdate {
+            path: e.path.clone(),
+            kind: Kind::Dir,
+            meta: e.meta.clone(),
+        })
+        .collect();
+    Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(path: &str, kind: Kind, size: u64, ino: u64, nlink: u64) -> Entry {
+        Entry {
+            path: path.as_bytes().to_vec(),
+            kind,
+            size,
+            meta: Meta {
+                mode: 0o644,
+                mtime: 1000 + size as i64,
+                ..Meta::default()
+            },
+            dev: 1,
+            ino,
+            nlink,
+            target: None,
+            hash: None,
+        }
+    }
+
+    fn manifest(entries: Vec<Entry>) -> Manifest {
+        let mut all = vec![entry("", Kind::Dir, 0, 1, 2)];
+        all.extend(entries);
+        Manifest {
+            root_exists: true,
+            entries: all,
+            ..Manifest::default()
+        }
+    }
+
+    fn with_hashes(m: &mut Manifest, paths: &[Vec<u8>]) {
+        for e in &mut m.entries {
+            if paths.contains(&e.path) {
+                e.hash = Some([e.size as u8; 32]);
+            }
+        }
+    }
+
+    #[test]
+    fn a_maildir_flag_rename_is_a_rename_not_a_send() {
+        let src = manifest(vec![
+            entry("cur", Kind::Dir, 0, 2, 2),
+            entry("cur/1:2,S", Kind::File, 50, 3, 1),
+        ]);
+        let dest = manifest(vec![
+            entry("cur", Kind::Dir, 0, 2, 2),
+            entry("cur/1:2,", Kind::File, 50, 9, 1),
+        ]);
+        let opts = PlanOptions {
+            delete: true,
+            ..PlanOptions::default()
+        };
+        let req = hash_request(&src, &dest, &opts);
+        assert_eq!(req.src, vec![b"cur/1:2,S".to_vec()]);
+        assert_eq!(req.dest, vec![b"cur/1:2,".to_vec()]);
+        let (mut src, mut dest) = (src, dest);
+        with_hashes(&mut src, &req.src);
+        with_hashes(&mut dest, &req.dest);
+        let plan = build(&src, &dest, &opts).unwrap();
+        assert!(plan.send.is_empty());
+        assert_eq!(plan.reuse.len(), 1);
+        assert_eq!(plan.reuse[0].mode, ReuseMode::Link);
+        assert_eq!(plan.delete, vec![b"cur/1:2,".to_vec()]);
+        assert_eq!(plan.stats.renamed, 1);
+    }
+
+    #[test]
+    fn a_copied_message_keeps_its_dest_twin_by_copying() {
+        // Same content under two independent names in SRC; DEST has only the first.
+        let src = manifest(vec![entry("a", Kind::File, 70, 3, 1), entry("b", Kind::File, 70, 4, 1)]);
+        let dest = manifest(vec![entry("a", Kind::File, 70, 9, 1)]);
+        let opts = PlanOptions::default();
+        let req = hash_request(&src, &dest, &opts);
+        let (mut src, mut dest) = (src, dest);
+        with_hashes(&mut src, &req.src);
+        with_hashes(&mut dest, &req.dest);
+        let plan = build(&src, &dest, &opts).unwrap();
+        assert_eq!(plan.reuse.len(), 1);
+        assert_eq!(plan.reuse[0].mode, ReuseMode::Copy);
+    }
+
+    #[test]
+    fn hard_link_group_links_new_names_to_the_unchanged_member() {
+        let src = manifest(vec![
+            entry("x", Kind::File, 10, 5, 2),
+            entry("y", Kind::File, 10, 5, 2),
+        ]);
+        let dest = manifest(vec![entry("x", Kind::File, 10, 7, 1)]);
+        let plan = build(&src, &dest, &PlanOptions::default()).unwrap();
+        assert!(plan.send.is_empty());
+        assert_eq!(
+            plan.link,
+            vec![Link {
+                from: b"x".to_vec(),
+                to: b"y".to_vec()
+            }]
+        );
+    }
+
+    #[test]
+    fn a_new_hard_link_group_is_sent_once() {
+        let src = manifest(vec![
+            entry("x", Kind::File, 10, 5, 2),
+            entry("y", Kind::File, 10, 5, 2),
+        ]);
+        let dest = manifest(vec![]);
+        let plan = build(&src, &dest, &PlanOptions::default()).unwrap();
+        assert_eq!(plan.stats.files_to_send, 1);
+        assert_eq!(plan.send[1].link_to.as_deref(), Some(&b"x"[..]));
+    }
+
+    #[test]
+    fn an_empty_source_does_not_empty_dest() {
+        let src = manifest(vec![]);
+        let dest = manifest(vec![entry("a", Kind::File, 1, 2, 1), entry("b", Kind::File, 1, 3, 1)]);
+        let opts = PlanOptions {
+            delete: true,
+            ..PlanOptions::default()
+        };
+        let err = build(&src, &dest, &opts).unwrap_err().to_string();
+        assert!(err.contains("refusing to delete 2 entries"), "{err}");
+        let allowed = PlanOptions {
+            allow_empty_source: true,
+            ..opts
+        };
+        assert_eq!(build(&src, &dest, &allowed).unwrap().stats.deleted, 2);
+    }
+
+    #[test]
+    fn a_type_change_deletes_the_subtree_once_even_without_delete() {
+        let src = manifest(vec![entry("d", Kind::File, 3, 2, 1)]);
+        let dest = manifest(vec![
+            entry("d", Kind::Dir, 0, 2, 2),
+            entry("d/x", Kind::File, 1, 3, 1),
+        ]);
+        let plan = build(&src, &dest, &PlanOptions::default()).unwrap();
+        assert_eq!(plan.delete, vec![b"d".to_vec()]);
+        assert_eq!(plan.stats.deleted, 1);
+        assert_eq!(plan.send.len(), 1);
+    }
+
+    #[test]
+    fn unchanged_trees_give_an_empty_plan() {
+        let src = manifest(vec![entry("a", Kind::File, 1, 2, 1)]);
+        let plan = build(&src, &src.clone(), &PlanOptions::default()).unwrap();
+        assert!(plan.is_empty(), "{plan:?}");
+    }
+}

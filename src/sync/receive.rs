@@ -1,0 +1,564 @@
+//! The receiving side: carries out a [`Plan`] in DEST and writes the stream's members.
+//!
+//! Every file is written under a temporary name next to its final place, its SHA-256
+//! compared with the stream's, its owner, mode and mtime set, and only then renamed into
+//! place. A broken stream therefore leaves each path with either its old or its new content.
+//! Members the plan did not ask for are refused, whatever the stream says.
+//!
+//! Durability: by default one `syncfs` before returning success (measured: per-file `fsync`
+//! costs more than the whole transfer on many small files; see the README). After a crash
+//! before that point, a renamed file may be empty on disk; its size then differs from SRC and
+//! the next run sends it again. `RELAYMOVE_DURABILITY=fsync` syncs each file before rename.
+
+use crate::sync::beneath::{remove_at, validate, Tree};
+use crate::sync::hash_cache::{HashCache, Stamp};
+use crate::sync::manifest::{display_path, Digest, Kind, Meta, Skipped, TEMP_PREFIX};
+use crate::sync::plan::{Plan, ReuseMode};
+use crate::sync::scan::hash_reader;
+use crate::sync::stream::{read_member, MemberKind, Trailer};
+use anyhow::{anyhow, bail, Context, Result};
+use nix::errno::Errno;
+use nix::fcntl::{openat, AtFlags, OFlag};
+use nix::sys::stat::{fchmod, fstatat, futimens, utimensat, Mode, UtimensatFlags};
+use nix::sys::time::TimeSpec;
+use nix::unistd::{fchown, fchownat, linkat, Gid, Group, Uid, User};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use std::collections::{HashMap, HashSet};
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// One `syncfs` of DEST's file system at the end.
+    Syncfs,
+    /// `fsync` of every file before its rename, and of every touched directory.
+    Fsync,
+}
+
+impl Durability {
+    pub fn from_env() -> Durability {
+        match std::env::var("RELAYMOVE_DURABILITY").as_deref() {
+            Ok("fsync") => Durability::Fsync,
+            _ => Durability::Syncfs,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, Default, Clone)]
+pub struct ReceiveStats {
+    pub files_written: u64,
+    pub bytes_written: u64,
+    pub wire_bytes: u64,
+    pub renamed: u64,
+    pub deleted: u64,
+    pub hardlinks: u64,
+    /// True when every file written had its SHA-256 checked against the sender's.
+    pub verified: bool,
+    /// Paths the sender reported gone from the live source after the scan.
+    pub vanished: Vec<Skipped>,
+    pub warnings: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Default, Clone, Copy)]
+pub struct ReceiveProgress {
+    pub files: u64,
+    pub bytes: u64,
+    pub wire_bytes: u64,
+}
+
+/// Maps owner names to this host's ids; an unknown name keeps the sender's number.
+#[derive(Default)]
+struct Owners {
+    users: HashMap<String, Option<u32>>,
+    groups: HashMap<String, Option<u32>>,
+    warned: HashSet<String>,
+    warnings: Vec<String>,
+    is_root: bool,
+    chown_failed: bool,
+}
+
+impl Owners {
+    fn ids(&mut self, meta: &Meta) -> (u32, u32) {
+        let uid = match &meta.user {
+            Some(name) => {
+                let found = *self.users.entry(name.clone()).or_insert_with(|| {
+                    User::from_name(name).ok().flatten().map(|u| u.uid.as_raw())
+                });
+                found.unwrap_or_else(|| {
+                    if self.warned.insert(format!("u:{name}")) {
+                        self.warnings.push(format!(
+                            "user {name:?} does not exist on this host; kept numeric uid {}",
+                            meta.uid
+                        ));
+                    }
+                    meta.uid
+                })
+            }
+            None => meta.uid,
+        };
+        let gid = match &meta.group {
+            Some(name) => {
+                let found = *self.groups.entry(name.clone()).or_insert_with(|| {
+                    Group::from_name(name).ok().flatten().map(|g| g.gid.as_raw())
+                });
+                found.unwrap_or_else(|| {
+                    if self.warned.insert(format!("g:{name}")) {
+                        self.warnings.push(format!(
+                            "group {name:?} does not exist on this host; kept numeric gid {}",
+                            meta.gid
+                        ));
+                    }
+                    meta.gid
+                })
+            }
+            None => meta.gid,
+        };
+        (uid, gid)
+    }
+
+    /// Records a failed chown once for an unprivileged receiver instead of failing the sync.
+    fn chown_result(&mut self, r: nix::Result<()>, what: &str) -> Result<()> {
+        match r {
+            Ok(()) => Ok(()),
+            Err(Errno::EPERM) if !self.is_root => {
+                if !self.chown_failed {
+                    self.chown_failed = true;
+                    self.warnings
+                        .push("not running as root: owners could not be set".to_string());
+                }
+                Ok(())
+            }
+            Err(e) => Err(e).with_context(|| format!("setting the owner of {what}")),
+        }
+    }
+}
+
+fn mtime_spec(meta: &Meta) -> [TimeSpec; 2] {
+    [
+        TimeSpec::UTIME_OMIT,
+        TimeSpec::new(meta.mtime, i64::from(meta.mtime_nsec)),
+    ]
+}
+
+/// Owner, mode, mtime on an open file or directory (chown first: it clears setuid bits).
+fn apply_meta_fd(fd: BorrowedFd<'_>, meta: &Meta, owners: &mut Owners, what: &str) -> Result<()> {
+    let (uid, gid) = owners.ids(meta);
+    let r = fchown(fd, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)));
+    owners.chown_result(r, what)?;
+    fchmod(fd, Mode::from_bits_truncate(meta.mode)).with_context(|| format!("setting the mode of {what}"))?;
+    let [atime, mtime] = mtime_spec(meta);
+    futimens(fd, &atime, &mtime).with_context(|| format!("setting the mtime of {what}"))?;
+    Ok(())
+}
+
+/// Owner and mtime of a symlink, by name, never following it.
+fn apply_meta_symlink(dir: BorrowedFd<'_>, name: &OsStr, meta: &Meta, owners: &mut Owners, what: &str) -> Result<()> {
+    let (uid, gid) = owners.ids(meta);
+    let r = fchownat(dir, name, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)), AtFlags::AT_SYMLINK_NOFOLLOW);
+    owners.chown_result(r, what)?;
+    let [atime, mtime] = mtime_spec(meta);
+    utimensat(dir, name, &atime, &mtime, UtimensatFlags::NoFollowSymlink)
+        .with_context(|| format!("setting the mtime of {what}"))?;
+    Ok(())
+}
+
+/// Opens a non-directory, non-symlink entry for metadata changes (fifos without blocking).
+fn open_nofollow(dir: BorrowedFd<'_>, name: &OsStr) -> nix::Result<OwnedFd> {
+    openat(
+        dir,
+        name,
+        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn temp_name() -> OsString {
+    let mut name = TEMP_PREFIX.to_vec();
+    name.extend_from_slice(
+        format!("{}.{}", std::process::id(), TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)).as_bytes(),
+    );
+    OsString::from_vec(name)
+}
+
+/// A temporary name that is removed unless it was renamed into place.
+struct TempGuard<'a> {
+    dir: BorrowedFd<'a>,
+    name: OsString,
+    armed: bool,
+}
+
+impl<'a> TempGuard<'a> {
+    fn new(dir: BorrowedFd<'a>) -> TempGuard<'a> {
+        TempGuard {
+            dir,
+            name: temp_name(),
+            armed: true,
+        }
+    }
+
+    /// Renames the temp into `final_name`. When both are links to one inode, rename(2) does
+    /// nothing, so the temp name is removed explicitly.
+    fn commit(mut self, final_name: &OsStr) -> Result<()> {
+        nix::fcntl::renameat(self.dir, self.name.as_os_str(), self.dir, final_name)?;
+        let _ = nix::unistd::unlinkat(self.dir, self.name.as_os_str(), nix::unistd::UnlinkatFlags::NoRemoveDir);
+        self.armed = false;
+        Ok(())
+    }
+}
+
+impl Drop for TempGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = remove_at(self.dir, &self.name);
+        }
+    }
+}
+
+/// Counts the compressed bytes read from the wire.
+struct CountingReader<R> {
+    inner: R,
+    count: Arc<AtomicU64>,
+}
+
+impl<R: Read> Read for CountingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// Writes `src` to `out` while hashing it; returns the digest and byte count.
+fn copy_hashing(src: &mut impl Read, out: &mut File) -> io::Result<(Digest, u64)> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = match src.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buf[..n]);
+        out.write_all(&buf[..n])?;
+        total += n as u64;
+    }
+    Ok((hasher.finalize().into(), total))
+}
+
+pub struct Receiver<'p> {
+    tree: Tree,
+    plan: &'p Plan,
+    durability: Durability,
+    owners: Owners,
+    cache: HashCache,
+    stats: ReceiveStats,
+    /// Files placed in this run with their digests, recorded in the hash cache at the end.
+    placed: Vec<(Vec<u8>, Digest)>,
+    touched_dirs: HashSet<Vec<u8>>,
+}
+
+impl<'p> Receiver<'p> {
+    pub fn new(tree: Tree, plan: &'p Plan, cache: HashCache, durability: Durability) -> Receiver<'p> {
+        Receiver {
+            tree,
+            plan,
+            durability,
+            owners: Owners {
+                is_root: nix::unistd::geteuid().is_root(),
+                ..Owners::default()
+            },
+            cache,
+            stats: ReceiveStats::default(),
+            placed: Vec::new(),
+            touched_dirs: HashSet::new(),
+        }
+    }
+
+    /// Carries out the plan, reading members from `input` (the zstd-compressed tar stream).
+    /// `progress` is called now and then from this thread.
+    pub fn run(mut self, input: impl Read, mut progress: impl FnMut(ReceiveProgress)) -> Result<ReceiveStats> {
+        let staged = self.stage_reuse()?;
+        for rel in &self.plan.delete {
+            self.tree.remove(rel)?;
+        }
+        self.stats.deleted = self.plan.stats.deleted;
+        for rel in &self.plan.mkdir {
+            if !rel.is_empty() {
+                self.tree.mkdir(rel)?;
+            }
+        }
+        self.place_reuse(staged)?;
+        let wire = Arc::new(AtomicU64::new(0));
+        let result = self.receive_stream(input, wire.clone(), &mut progress);
+        self.stats.wire_bytes = wire.load(Ordering::Relaxed);
+        // Whatever happened to the stream, make what was placed durable before reporting.
+        let synced = self.sync();
+        result?;
+        synced?;
+        self.links()?;
+        self.metadata()?;
+        self.sync()?;
+        self.remember_hashes();
+        self.stats.warnings.append(&mut self.owners.warnings);
+        self.stats.verified = true;
+        progress(ReceiveProgress {
+            files: self.stats.files_written,
+            bytes: self.stats.bytes_written,
+            wire_bytes: self.stats.wire_bytes,
+        });
+        Ok(self.stats)
+    }
+
+    fn staging_dir(&self) -> OsString {
+        let mut name = TEMP_PREFIX.to_vec();
+        name.extend_from_slice(format!("stage.{}", std::process::id()).as_bytes());
+        OsString::from_vec(name)
+    }
+
+    /// Links or copies reusable content aside before any delete can remove it.
+    fn stage_reuse(&mut self) -> Result<Vec<OsString>> {
+        if self.plan.reuse.is_empty() {
+            return Ok(Vec::new());
+        }
+        let stage = self.staging_dir();
+        let root = self.tree.dir(b"")?;
+        nix::sys::stat::mkdirat(root.as_fd(), stage.as_os_str(), Mode::from_bits_truncate(0o700))
+            .with_context(|| format!("creating staging directory in {}", self.tree.root_path().display()))?;
+        let stage_fd = openat(root.as_fd(), stage.as_os_str(), OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())?;
+        let mut staged = Vec::new();
+        for (i, reuse) in self.plan.reuse.iter().enumerate() {
+            let (dir, name) = self.tree.parent(&reuse.from)?;
+            let what = self.tree.show(&reuse.from);
+            let fd = open_nofollow(dir.as_fd(), name).with_context(|| format!("opening {what}"))?;
+            let mut file = File::from(fd);
+            let md = file.metadata()?;
+            if !md.is_file() {
+                bail!("{what} changed type since the scan; run the sync again");
+            }
+            let digest = match self.cache.get(&reuse.from, &Stamp::of(&md)) {
+                Some(d) => d,
+                None => hash_reader(&mut file).with_context(|| format!("hashing {what}"))?,
+            };
+            if digest != reuse.digest {
+                bail!("{what} changed since the scan; run the sync again");
+            }
+            let staged_name = OsString::from(i.to_string());
+            match reuse.mode {
+                ReuseMode::Link => linkat(dir.as_fd(), name, stage_fd.as_fd(), staged_name.as_os_str(), AtFlags::empty())
+                    .with_context(|| format!("linking {what}"))?,
+                ReuseMode::Copy => {
+                    use std::io::Seek;
+                    file.seek(io::SeekFrom::Start(0))?;
+                    let out = openat(stage_fd.as_fd(), staged_name.as_os_str(), OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC, Mode::from_bits_truncate(0o600))?;
+                    let mut out = File::from(out);
+                    let (copied, _) = copy_hashing(&mut file, &mut out).with_context(|| format!("copying {what}"))?;
+                    if copied != reuse.digest {
+                        bail!("{what} changed while being copied; run the sync again");
+                    }
+                    if self.durability == Durability::Fsync {
+                        out.sync_all()?;
+                    }
+                }
+            }
+            staged.push(staged_name);
+        }
+        Ok(staged)
+    }
+
+    fn place_reuse(&mut self, staged: Vec<OsString>) -> Result<()> {
+        if staged.is_empty() {
+            return Ok(());
+        }
+        let stage = self.staging_dir();
+        let root = self.tree.dir(b"")?;
+        let stage_fd = openat(root.as_fd(), stage.as_os_str(), OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())?;
+        for (reuse, staged_name) in self.plan.reuse.iter().zip(staged) {
+            let what = self.tree.show(&reuse.to);
+            let fd = open_nofollow(stage_fd.as_fd(), &staged_name)?;
+            apply_meta_fd(fd.as_fd(), &reuse.meta, &mut self.owners, &what)?;
+            let (dir, name) = self.tree.parent(&reuse.to)?;
+            nix::fcntl::renameat(stage_fd.as_fd(), staged_name.as_os_str(), dir.as_fd(), name)
+                .with_context(|| format!("moving content into {what}"))?;
+            self.placed.push((reuse.to.clone(), reuse.digest));
+            self.stats.renamed += 1;
+        }
+        remove_at(root.as_fd(), &stage).context("removing the staging directory")?;
+        Ok(())
+    }
+
+    fn receive_stream(&mut self, input: impl Read, wire: Arc<AtomicU64>, progress: &mut impl FnMut(ReceiveProgress)) -> Result<()> {
+        let mut expected: HashMap<&[u8], Kind> = self.plan.send.iter().map(|s| (s.path.as_slice(), s.kind)).collect();
+        let counting = CountingReader { inner: input, count: wire.clone() };
+        let decoder = zstd::stream::read::Decoder::new(counting).context("starting to decompress the stream")?;
+        let mut archive = tar::Archive::new(decoder);
+        let mut trailer: Option<Trailer> = None;
+        let mut last_report = Instant::now();
+        let cut = |e: &dyn std::fmt::Display| anyhow!("the stream broke off ({e}); DEST keeps, for each path, its old or its new version; run the same command again to finish");
+        let entries = archive.entries().map_err(|e| cut(&e))?;
+        for entry in entries {
+            let mut entry = entry.map_err(|e| cut(&e))?;
+            let Some(member) = read_member(&mut entry, &mut trailer).map_err(|e| cut(&e))? else {
+                continue;
+            };
+            validate(&member.path).context("refusing a stream member")?;
+            match expected.remove(member.path.as_slice()) {
+                Some(kind) if kind == member.plan_kind() => {}
+                Some(kind) => bail!("stream member {} is a {}, the plan expected a {}; refused", display_path(&member.path), member.plan_kind().describe(), kind.describe()),
+                None => bail!("stream member {} was not asked for; refused", display_path(&member.path)),
+            }
+            let path = member.path.clone();
+            let (dir, name) = self.tree.parent(&path)?;
+            let what = self.tree.show(&path);
+            self.touched_dirs.insert(crate::sync::beneath::split(&path).0.to_vec());
+            let tmp = TempGuard::new(dir.as_fd());
+            match &member.kind {
+                MemberKind::File { digest } => {
+                    let fd = openat(dir.as_fd(), tmp.name.as_os_str(), OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::from_bits_truncate(0o600))
+                        .with_context(|| format!("creating a temporary file for {what}"))?;
+                    let mut file = File::from(fd);
+                    let (got, n) = copy_hashing(&mut entry, &mut file).map_err(|e| cut(&e))?;
+                    if got != *digest {
+                        bail!("{what}: content does not match the sender's SHA-256; nothing was written under its name. The source file may have changed during the sync; run it again");
+                    }
+                    apply_meta_fd(file.as_fd(), &member.meta, &mut self.owners, &what)?;
+                    if self.durability == Durability::Fsync {
+                        file.sync_all().with_context(|| format!("syncing {what}"))?;
+                    }
+                    tmp.commit(name).with_context(|| format!("renaming into {what}"))?;
+                    self.placed.push((path, *digest));
+                    self.stats.files_written += 1;
+                    self.stats.bytes_written += n;
+                }
+                MemberKind::HardLink { target } => {
+                    validate(target).context("refusing a hard link member")?;
+                    let (tdir, tname) = self.tree.parent(target)?;
+                    linkat(tdir.as_fd(), tname, dir.as_fd(), tmp.name.as_os_str(), AtFlags::empty())
+                        .with_context(|| format!("linking {what} to {}", self.tree.show(target)))?;
+                    tmp.commit(name).with_context(|| format!("renaming into {what}"))?;
+                    self.stats.hardlinks += 1;
+                }
+                MemberKind::Symlink { target } => {
+                    nix::unistd::symlinkat(OsStr::from_bytes(target), dir.as_fd(), tmp.name.as_os_str())
+                        .with_context(|| format!("creating symlink {what}"))?;
+                    apply_meta_symlink(dir.as_fd(), &tmp.name, &member.meta, &mut self.owners, &what)?;
+                    tmp.commit(name).with_context(|| format!("renaming into {what}"))?;
+                }
+                MemberKind::Fifo => {
+                    nix::unistd::mkfifoat(dir.as_fd(), tmp.name.as_os_str(), Mode::from_bits_truncate(0o600))
+                        .with_context(|| format!("creating fifo {what}"))?;
+                    let fd = open_nofollow(dir.as_fd(), &tmp.name)?;
+                    apply_meta_fd(fd.as_fd(), &member.meta, &mut self.owners, &what)?;
+                    tmp.commit(name).with_context(|| format!("renaming into {what}"))?;
+                }
+            }
+            if last_report.elapsed() > Duration::from_millis(200) {
+                last_report = Instant::now();
+                progress(ReceiveProgress {
+                    files: self.stats.files_written,
+                    bytes: self.stats.bytes_written,
+                    wire_bytes: wire.load(Ordering::Relaxed),
+                });
+            }
+        }
+        let trailer = trailer.ok_or_else(|| cut(&"no end-of-stream trailer"))?;
+        for hex_path in &trailer.vanished {
+            let path = decode_hex(hex_path).ok_or_else(|| anyhow!("malformed path in the stream trailer"))?;
+            if expected.remove(path.as_slice()).is_some() {
+                self.stats.vanished.push(Skipped { path, reason: "vanished or changed type on the source during the sync".into() });
+            }
+        }
+        if !expected.is_empty() {
+            let mut missing: Vec<String> = expected.keys().take(5).map(|p| display_path(p)).collect();
+            missing.sort();
+            bail!("the stream ended without {} expected entries (first: {}); run the sync again", expected.len(), missing.join(", "));
+        }
+        Ok(())
+    }
+
+    fn links(&mut self) -> Result<()> {
+        for link in &self.plan.link {
+            let what = self.tree.show(&link.to);
+            let (fdir, fname) = self.tree.parent(&link.from)?;
+            let (dir, name) = self.tree.parent(&link.to)?;
+            let tmp = TempGuard::new(dir.as_fd());
+            linkat(fdir.as_fd(), fname, dir.as_fd(), tmp.name.as_os_str(), AtFlags::empty())
+                .with_context(|| format!("linking {what} to {}", self.tree.show(&link.from)))?;
+            tmp.commit(name).with_context(|| format!("renaming into {what}"))?;
+            self.stats.hardlinks += 1;
+        }
+        Ok(())
+    }
+
+    fn metadata(&mut self) -> Result<()> {
+        for update in &self.plan.meta {
+            let what = self.tree.show(&update.path);
+            let (dir, name) = self.tree.parent(&update.path)?;
+            match update.kind {
+                Kind::Symlink => apply_meta_symlink(dir.as_fd(), name, &update.meta, &mut self.owners, &what)?,
+                _ => {
+                    let fd = open_nofollow(dir.as_fd(), name).with_context(|| format!("opening {what}"))?;
+                    apply_meta_fd(fd.as_fd(), &update.meta, &mut self.owners, &what)?;
+                }
+            }
+        }
+        for update in &self.plan.dirs {
+            let what = self.tree.show(&update.path);
+            let fd = self.tree.dir(&update.path)?;
+            apply_meta_fd(fd.as_fd(), &update.meta, &mut self.owners, &what)?;
+        }
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<()> {
+        if self.durability == Durability::Fsync {
+            let dirs: Vec<Vec<u8>> = self.touched_dirs.drain().collect();
+            for d in dirs {
+                let fd = self.tree.dir(&d)?;
+                nix::unistd::fsync(fd.as_fd()).with_context(|| format!("syncing {}", self.tree.show(&d)))?;
+            }
+        }
+        nix::unistd::syncfs(self.tree.root_fd()).with_context(|| format!("syncing the file system of {}", self.tree.root_path().display()))?;
+        Ok(())
+    }
+
+    fn remember_hashes(&mut self) {
+        for (path, digest) in std::mem::take(&mut self.placed) {
+            let Ok((dir, name)) = self.tree.parent(&path) else { continue };
+            if let Ok(st) = fstatat(dir.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+                let stamp = Stamp {
+                    ino: st.st_ino,
+                    size: st.st_size as u64,
+                    mtime: st.st_mtime,
+                    mtime_nsec: st.st_mtime_nsec,
+                    ctime: st.st_ctime,
+                    ctime_nsec: st.st_ctime_nsec,
+                };
+                self.cache.put(&path, stamp, digest);
+            }
+        }
+        for rel in &self.plan.delete {
+            self.cache.remove(rel);
+        }
+        if let Err(e) = self.cache.save() {
+            self.stats.warnings.push(format!("could not save the hash cache: {e:#}"));
+        }
+    }
+}
+
+pub fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 || !s.is_ascii() {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok()).collect()
+}
