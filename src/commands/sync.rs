@@ -297,6 +297,9 @@ fn print_plan(plan: &Plan) -> Result<()> {
     for m in &plan.meta {
         writeln!(out, "attrs   {}", display_path(&m.path))?;
     }
+    for d in &plan.dirs {
+        writeln!(out, "attrs   {}/", display_path(&d.path))?;
+    }
     Ok(())
 }
 

@@ -411,6 +411,10 @@ pub fn build(src: &Manifest, dest: &Manifest, opts: &PlanOptions) -> Result<Plan
             changed_dirs.insert(parent(p).to_vec());
         }
     }
+    // Reused content is staged in a directory at the root, which changes the root's mtime.
+    if !plan.reuse.is_empty() {
+        changed_dirs.insert(Vec::new());
+    }
     let mut dirs: Vec<&Entry> = changed_dirs
         .iter()
         .filter_map(|p| src_by_path.get(p.as_slice()).copied())
