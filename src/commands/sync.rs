@@ -63,6 +63,9 @@ pub struct SyncCmd {
     /// zstd level for the stream (negative = faster, larger). Default: 1 over SSH, -1 locally.
     #[arg(long, allow_hyphen_values = true, value_parser = clap::value_parser!(i32).range(-7..=19))]
     pub compress_level: Option<i32>,
+    /// Also write the transfer stream to FILE (zstd-compressed tar: `zstd -dc FILE | tar tv`).
+    #[arg(long, value_name = "FILE")]
+    pub tee_stream: Option<PathBuf>,
     /// ssh_config file to use instead of ~/.ssh/config.
     #[arg(long, env = "RELAYMOVE_SSH_CONFIG", value_name = "FILE")]
     pub ssh_config: Option<PathBuf>,
@@ -191,7 +194,11 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
     } else {
         let enabled = !cmd.quiet && !cmd.no_progress;
         let mut progress = Progress::new(enabled, plan.stats.files_to_send, plan.stats.bytes_to_send);
-        let result = transfer(&src, &src_root, &dest, &dest_root, &plan, level, &mut progress).await;
+        let tee = match &cmd.tee_stream {
+            Some(path) => Some(tokio::fs::File::create(path).await.with_context(|| format!("creating {}", path.display()))?),
+            None => None,
+        };
+        let result = transfer(&src, &src_root, &dest, &dest_root, &plan, level, tee, &mut progress).await;
         progress.finish();
         result.with_context(|| format!("sync {} → {} failed", cmd.src, cmd.dest))?
     };
@@ -347,6 +354,7 @@ async fn transfer(
     dest_root: &Path,
     plan: &Plan,
     level: i32,
+    tee: Option<tokio::fs::File>,
     progress: &mut Progress,
 ) -> Result<ReceiveStats> {
     let recv_args = vec![OsString::from("agent"), "receive".into(), dest_root.as_os_str().to_owned()];
@@ -372,10 +380,15 @@ async fn transfer(
     };
     let relay = async move {
         write_frame_async(&mut recv_in, plan).await?;
-        let mut from = BufReader::with_capacity(1 << 20, send_out);
-        let copied = tokio::io::copy_buf(&mut from, &mut recv_in).await;
+        let copied = match tee {
+            None => {
+                let mut from = BufReader::with_capacity(1 << 20, send_out);
+                tokio::io::copy_buf(&mut from, &mut recv_in).await.map(|_| ())
+            }
+            Some(mut file) => relay_with_copy(send_out, &mut recv_in, &mut file).await,
+        };
         drop(recv_in);
-        copied.map(|_| ()).map_err(|e| anyhow!(e))
+        copied.map_err(|e| anyhow!(e))
     };
     let total_files = plan.stats.files_to_send;
     let watch = async move {
@@ -415,5 +428,23 @@ async fn transfer(
             relayed?;
             bail!("bug: the receiver on {} ended without a result", dest.label())
         }
+    }
+}
+
+async fn relay_with_copy(
+    mut from: impl tokio::io::AsyncRead + Unpin,
+    to: &mut (impl tokio::io::AsyncWrite + Unpin),
+    copy: &mut tokio::fs::File,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            copy.flush().await?;
+            return Ok(());
+        }
+        copy.write_all(&buf[..n]).await?;
+        to.write_all(&buf[..n]).await?;
     }
 }

@@ -394,9 +394,16 @@ pub fn build(src: &Manifest, dest: &Manifest, opts: &PlanOptions) -> Result<Plan
                     to: m.path.clone(),
                 });
                 plan.stats.hardlinks += 1;
+                if !dest_by_path.contains_key(m.path.as_slice()) {
+                    // A new name for content DEST has: placed by a link instead of sent.
+                    plan.stats.renamed += 1;
+                }
             }
         }
     }
+
+    // A name moved by a rename is not counted as deleted.
+    plan.stats.deleted -= link_used.len() as u64;
 
     // Directories whose contents change get their metadata restored afterwards.
     let touched = plan

@@ -293,6 +293,8 @@ impl<'p> Receiver<'p> {
             self.tree.remove(rel)?;
         }
         self.stats.deleted = self.plan.stats.deleted;
+        // Reused content and new names linked to content DEST already had.
+        self.stats.renamed = self.plan.stats.renamed;
         for rel in &self.plan.mkdir {
             if !rel.is_empty() {
                 self.tree.mkdir(rel)?;
@@ -391,7 +393,6 @@ impl<'p> Receiver<'p> {
             nix::fcntl::renameat(stage_fd.as_fd(), staged_name.as_os_str(), dir.as_fd(), name)
                 .with_context(|| format!("moving content into {what}"))?;
             self.placed.push((reuse.to.clone(), reuse.digest));
-            self.stats.renamed += 1;
         }
         remove_at(root.as_fd(), &stage).context("removing the staging directory")?;
         Ok(())

@@ -1,0 +1,250 @@
+//! `relaymove sync` between local trees: every kind of entry and metadata, then mutations
+//! (adds, deletes, in-place edits, Maildir renames, type changes, a planted symlink), then a
+//! no-change pass. DEST is compared with SRC entry by entry after every pass.
+
+mod common;
+
+use common::{assert_mirror, lchown, p, relaymove, set_mtime, snapshot, sync_json};
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::Path;
+
+fn write(root: &Path, rel: &[u8], data: &[u8]) {
+    let path = p(root, rel);
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::write(&path, data).unwrap();
+}
+
+fn chmod(root: &Path, rel: &[u8], mode: u32) {
+    fs::set_permissions(p(root, rel), fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// A tree with every case the mirror must preserve.
+fn build_everything(src: &Path) {
+    write(src, b"plain.txt", b"hello\n");
+    write(src, b"empty", b"");
+    write(src, b"big.bin", &vec![7u8; 3 << 20]);
+    fs::create_dir_all(p(src, b"empty-dir")).unwrap();
+    fs::create_dir_all(p(src, b"sticky")).unwrap();
+    chmod(src, b"sticky", 0o1777);
+    write(src, b"setuid", b"#!/bin/sh\n");
+    chmod(src, b"setuid", 0o4755);
+    write(src, b"setgid", b"x");
+    chmod(src, b"setgid", 0o2750);
+    write(src, b"secret", b"dkim private key");
+    chmod(src, b"secret", 0o600);
+    // Names are bytes.
+    write(src, b"with space", b"a");
+    write(src, b"new\nline", b"b");
+    write(src, b"bad-utf8-\xff\xfe", b"c");
+    write(src, b"-leading-dash", b"d");
+    write(src, &[b'n'; 255], b"255-byte name");
+    let deep: Vec<u8> = (0..12).flat_map(|i| format!("directory-level-{i:02}/").into_bytes()).collect();
+    let mut long = deep.clone();
+    long.extend_from_slice(b"file-at-the-end-of-a-path-far-longer-than-100-bytes");
+    write(src, &long, b"deep");
+    // Symlinks: relative, absolute, dangling, to a directory (never followed).
+    symlink("plain.txt", p(src, b"link-rel")).unwrap();
+    symlink("/etc/hostname", p(src, b"link-abs")).unwrap();
+    symlink("does/not/exist", p(src, b"link-dangling")).unwrap();
+    symlink("empty-dir", p(src, b"link-dir")).unwrap();
+    let long_target: String = "t".repeat(150);
+    symlink(&long_target, p(src, b"link-long-target")).unwrap();
+    // Hard links, one group across directories, one within.
+    write(src, b"cur/msg:2,S", b"a message with two names");
+    fs::create_dir_all(p(src, b".DeltaChat/cur")).unwrap();
+    fs::hard_link(p(src, b"cur/msg:2,S"), p(src, b".DeltaChat/cur/msg:2,S")).unwrap();
+    write(src, b"h1", b"three names");
+    fs::hard_link(p(src, b"h1"), p(src, b"h2")).unwrap();
+    fs::hard_link(p(src, b"h1"), p(src, b"cur/h3")).unwrap();
+    // A fifo and a socket (the socket is skipped and reported).
+    nix::unistd::mkfifo(&p(src, b"fifo"), nix::sys::stat::Mode::from_bits_truncate(0o640)).unwrap();
+    let _sock = std::os::unix::net::UnixListener::bind(p(src, b"sock")).unwrap();
+    // Owners: a named system user, a uid with no name on this host.
+    lchown(&p(src, b"secret"), 1, 1); // daemon:daemon on Debian
+    lchown(&p(src, b"plain.txt"), 54321, 54322);
+    lchown(&p(src, b"link-rel"), 1, 1);
+    // mtimes with nanoseconds, on files, symlinks and directories (set last).
+    set_mtime(&p(src, b"plain.txt"), 1_600_000_000, 123_456_789);
+    set_mtime(&p(src, b"link-rel"), 1_500_000_000, 987_654_321);
+    set_mtime(&p(src, b"empty-dir"), 1_400_000_000, 1);
+    set_mtime(&p(src, b"cur"), 1_300_000_000, 999_999_999);
+    set_mtime(src, 1_200_000_000, 5);
+}
+
+#[test]
+fn mirrors_every_kind_of_entry_then_follows_changes() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dest, cache) = (t.path().join("src"), t.path().join("dest"), t.path().join("cache"));
+    fs::create_dir(&src).unwrap();
+    build_everything(&src);
+
+    let r = sync_json(&src, &dest, &[], &cache);
+    assert_mirror(&src, &dest);
+    assert_eq!(r["verified"], true);
+    assert_eq!(r["skipped"][0]["path"], "sock");
+    assert!(r["skipped"][0]["reason"].as_str().unwrap().contains("socket"));
+    assert_eq!(r["hardlinks"], 3, "{r}");
+    assert!(r["files_sent"].as_u64().unwrap() >= 14);
+    assert!(r["wire_bytes"].as_u64().unwrap() < r["bytes_sent"].as_u64().unwrap());
+
+    // Mutate: add, delete, modify in place, Maildir moves, type changes, a planted symlink.
+    write(&src, b"added", b"new file");
+    fs::remove_file(p(&src, b"with space")).unwrap();
+    fs::remove_dir_all(p(&src, b"directory-level-00")).unwrap();
+    fs::write(p(&src, b"big.bin"), vec![8u8; 3 << 20]).unwrap(); // same size, new mtime
+    fs::rename(p(&src, b"cur/msg:2,S"), p(&src, b"cur/msg:2,RS")).unwrap();
+    write(&src, b"new/incoming", b"moved from new to cur by the client");
+    let _ = sync_json(&src, &dest, &[], &cache);
+    fs::rename(p(&src, b"new/incoming"), p(&src, b"cur/incoming:2,S")).unwrap();
+    fs::remove_file(p(&src, b"empty")).unwrap();
+    fs::create_dir(p(&src, b"empty")).unwrap(); // file -> directory
+    write(&src, b"empty/inside", b"x");
+    fs::remove_dir(p(&src, b"empty-dir")).unwrap();
+    write(&src, b"empty-dir", b"directory -> file");
+    fs::remove_file(p(&src, b"h2")).unwrap();
+    symlink("h1", p(&src, b"h2")).unwrap(); // file -> symlink
+    chmod(&src, b"setgid", 0o2700); // metadata only
+    // DEST has a symlink where SRC has a directory: it must be replaced, never followed.
+    let outside = t.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    fs::create_dir_all(p(&src, b"maildir/cur")).unwrap();
+    write(&src, b"maildir/cur/m1", b"must not land outside");
+    fs::create_dir_all(p(&dest, b"")).unwrap();
+    symlink(&outside, p(&dest, b"maildir")).unwrap();
+
+    let r = sync_json(&src, &dest, &[], &cache);
+    assert_mirror(&src, &dest);
+    assert!(fs::read_dir(&outside).unwrap().next().is_none(), "something was written through the symlink");
+    assert_eq!(r["renamed"], 1, "the new->cur move must be a rename, not a send: {r}");
+
+    // No change: nothing is sent, nothing on the wire.
+    let r = sync_json(&src, &dest, &[], &cache);
+    assert_eq!((r["files_sent"].as_u64(), r["wire_bytes"].as_u64(), r["deleted"].as_u64()), (Some(0), Some(0), Some(0)), "{r}");
+    assert_mirror(&src, &dest);
+}
+
+#[test]
+fn flag_renames_and_moves_are_not_resent() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dest, cache) = (t.path().join("src"), t.path().join("dest"), t.path().join("cache"));
+    let g = common::maildir::generate(&src, 7, 400);
+    assert!(g.files > 400);
+    let _ = sync_json(&src, &dest, &[], &cache);
+    assert_mirror(&src, &dest);
+    let m = common::maildir::mutate(&src, 7, 1.0, 5.0, 1.0);
+    assert!(m.renamed >= 19 && m.deleted >= 3 && m.new_messages >= 3, "{m:?}");
+    let r = sync_json(&src, &dest, &[], &cache);
+    assert_mirror(&src, &dest);
+    assert_eq!(r["renamed"].as_u64(), Some(m.renamed), "{r}");
+    assert_eq!(r["files_sent"].as_u64(), Some(m.new_messages), "{r}");
+    assert_eq!(r["bytes_sent"].as_u64(), Some(m.new_bytes), "{r}");
+    // The old name of a renamed message that also has a hard-linked copy is unlinked, not
+    // moved (the new name links to the copy), so it counts as a delete.
+    let (deleted, links) = (r["deleted"].as_u64().unwrap(), r["hardlinks"].as_u64().unwrap());
+    assert!(deleted >= m.deleted && deleted <= m.deleted + links, "{r}");
+}
+
+#[test]
+fn checksum_mode_finds_content_changes_that_keep_size_and_mtime() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dest, cache) = (t.path().join("src"), t.path().join("dest"), t.path().join("cache"));
+    write(&src, b"f", b"aaaa");
+    set_mtime(&p(&src, b"f"), 1_000_000, 0);
+    let _ = sync_json(&src, &dest, &[], &cache);
+    fs::write(p(&src, b"f"), b"bbbb").unwrap();
+    set_mtime(&p(&src, b"f"), 1_000_000, 0);
+    let r = sync_json(&src, &dest, &[], &cache);
+    assert_eq!(r["files_sent"], 0, "size+mtime cannot see this change");
+    let r = sync_json(&src, &dest, &["--checksum"], &cache);
+    assert_eq!(r["files_sent"], 1);
+    assert_mirror(&src, &dest);
+}
+
+#[test]
+fn no_delete_dry_run_and_exclude() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dest, cache) = (t.path().join("src"), t.path().join("dest"), t.path().join("cache"));
+    write(&src, b"keep", b"1");
+    write(&src, b"a/x.lock", b"lock");
+    write(&src, b"a/tmp/partial", b"p");
+    write(&dest, b"extra", b"only in dest");
+    let r = sync_json(&src, &dest, &["--no-delete", "--exclude", "*.lock", "--exclude", "a/tmp"], &cache);
+    assert_eq!(r["deleted"], 0);
+    assert!(p(&dest, b"extra").exists());
+    assert!(!p(&dest, b"a/x.lock").exists());
+    assert!(!p(&dest, b"a/tmp").exists());
+    let before = snapshot(&dest);
+    write(&src, b"later", b"2");
+    let r = sync_json(&src, &dest, &["--dry-run", "--exclude", "*.lock", "--exclude", "a/tmp"], &cache);
+    assert_eq!((r["dry_run"].as_bool(), r["files_sent"].as_u64(), r["deleted"].as_u64()), (Some(true), Some(1), Some(1)), "{r}");
+    assert_eq!(before, snapshot(&dest), "--dry-run changed DEST");
+}
+
+#[test]
+fn an_empty_or_missing_source_does_not_empty_dest() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dest, cache) = (t.path().join("src"), t.path().join("dest"), t.path().join("cache"));
+    fs::create_dir(&src).unwrap();
+    write(&dest, b"a", b"1");
+    write(&dest, b"b/c", b"2");
+    let args = |extra: &[&str], s: &Path| -> Vec<std::ffi::OsString> {
+        let mut v: Vec<std::ffi::OsString> = vec!["sync".into(), "--no-progress".into()];
+        v.extend(extra.iter().map(|e| e.into()));
+        v.push(s.as_os_str().to_owned());
+        v.push(dest.as_os_str().to_owned());
+        v
+    };
+    let run = |a: Vec<std::ffi::OsString>| {
+        let a: Vec<&OsStr> = a.iter().map(|x| x.as_os_str()).collect();
+        relaymove(&a, &cache)
+    };
+    let out = run(args(&[], &src));
+    assert_eq!(out.status.code(), Some(1));
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert!(msg.contains("refusing to delete 3 entries"), "{msg}");
+    assert!(p(&dest, b"b/c").exists());
+    let missing = t.path().join("no-such-dir");
+    let out = run(args(&[], &missing));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+    assert!(p(&dest, b"a").exists());
+    let out = run(args(&["--allow-empty-source"], &src));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!p(&dest, b"a").exists());
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let t = tempfile::tempdir().unwrap();
+    let cache = t.path().join("cache");
+    for args in [vec!["sync"], vec!["sync", "host:relative", "/tmp/x"], vec!["sync", "--bogus", "a", "b"]] {
+        let args: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+        let out = relaymove(&args, &cache);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+#[test]
+fn the_stream_is_a_tar_that_standard_tools_read() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dest, cache) = (t.path().join("src"), t.path().join("dest"), t.path().join("cache"));
+    fs::create_dir(&src).unwrap();
+    build_everything(&src);
+    let tee = t.path().join("stream.tar.zst");
+    let tee_arg = tee.to_str().unwrap();
+    let _ = sync_json(&src, &dest, &["--tee-stream", tee_arg], &cache);
+    let listing = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("zstd -dc '{tee_arg}' | tar tvf -"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&listing.stdout);
+    assert!(listing.status.success(), "{}", String::from_utf8_lossy(&listing.stderr));
+    assert!(text.contains("plain.txt"), "{text}");
+    assert!(text.contains("link-rel -> plain.txt"), "{text}");
+    assert!(text.contains("h2 link to cur/h3"), "{text}");
+    assert!(text.contains("file-at-the-end-of-a-path-far-longer-than-100-bytes"), "{text}");
+    assert!(text.contains("54321/54322"), "numeric owner without a name: {text}");
+}
