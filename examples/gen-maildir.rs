@@ -12,12 +12,23 @@ fn main() {
     match args.get(1).map(String::as_str) {
         Some("generate") if args.len() >= 4 => {
             let messages: u64 = args[3].parse().expect("MESSAGES must be a number");
-            let seed: u64 = args.get(4).map(|s| s.parse().expect("SEED must be a number")).unwrap_or(1);
+            let seed: u64 = args
+                .get(4)
+                .map(|s| s.parse().expect("SEED must be a number"))
+                .unwrap_or(1);
             let g = maildir::generate(std::path::Path::new(&args[2]), seed, messages);
-            println!("{{\"files\": {}, \"bytes\": {}, \"accounts\": {}}}", g.files, g.bytes, g.accounts.len());
+            println!(
+                "{{\"files\": {}, \"bytes\": {}, \"accounts\": {}}}",
+                g.files,
+                g.bytes,
+                g.accounts.len()
+            );
         }
         Some("mutate") if args.len() >= 3 => {
-            let seed: u64 = args.get(3).map(|s| s.parse().expect("SEED must be a number")).unwrap_or(1);
+            let seed: u64 = args
+                .get(3)
+                .map(|s| s.parse().expect("SEED must be a number"))
+                .unwrap_or(1);
             let m = maildir::mutate(std::path::Path::new(&args[2]), seed, 1.0, 5.0, 1.0);
             println!(
                 "{{\"new_messages\": {}, \"new_bytes\": {}, \"renamed\": {}, \"deleted\": {}}}",

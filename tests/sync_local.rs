@@ -40,7 +40,9 @@ fn build_everything(src: &Path) {
     write(src, b"bad-utf8-\xff\xfe", b"c");
     write(src, b"-leading-dash", b"d");
     write(src, &[b'n'; 255], b"255-byte name");
-    let deep: Vec<u8> = (0..12).flat_map(|i| format!("directory-level-{i:02}/").into_bytes()).collect();
+    let deep: Vec<u8> = (0..12)
+        .flat_map(|i| format!("directory-level-{i:02}/").into_bytes())
+        .collect();
     let mut long = deep.clone();
     long.extend_from_slice(b"file-at-the-end-of-a-path-far-longer-than-100-bytes");
     write(src, &long, b"deep");
@@ -59,7 +61,11 @@ fn build_everything(src: &Path) {
     fs::hard_link(p(src, b"h1"), p(src, b"h2")).unwrap();
     fs::hard_link(p(src, b"h1"), p(src, b"cur/h3")).unwrap();
     // A fifo and a socket (the socket is skipped and reported).
-    nix::unistd::mkfifo(&p(src, b"fifo"), nix::sys::stat::Mode::from_bits_truncate(0o640)).unwrap();
+    nix::unistd::mkfifo(
+        &p(src, b"fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o640),
+    )
+    .unwrap();
     let _sock = std::os::unix::net::UnixListener::bind(p(src, b"sock")).unwrap();
     // Owners: a named system user, a uid with no name on this host.
     lchown(&p(src, b"secret"), 1, 1); // daemon:daemon on Debian
@@ -76,7 +82,11 @@ fn build_everything(src: &Path) {
 #[test]
 fn mirrors_every_kind_of_entry_then_follows_changes() {
     let t = tempfile::tempdir().unwrap();
-    let (src, dest, cache) = (t.path().join("src"), t.path().join("dest"), t.path().join("cache"));
+    let (src, dest, cache) = (
+        t.path().join("src"),
+        t.path().join("dest"),
+        t.path().join("cache"),
+    );
     fs::create_dir(&src).unwrap();
     build_everything(&src);
 
@@ -84,7 +94,10 @@ fn mirrors_every_kind_of_entry_then_follows_changes() {
     assert_mirror(&src, &dest);
     assert_eq!(r["verified"], true);
     assert_eq!(r["skipped"][0]["path"], "sock");
-    assert!(r["skipped"][0]["reason"].as_str().unwrap().contains("socket"));
+    assert!(r["skipped"][0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("socket"));
     assert_eq!(r["hardlinks"], 3, "{r}");
     assert!(r["files_sent"].as_u64().unwrap() >= 14);
     assert!(r["wire_bytes"].as_u64().unwrap() < r["bytes_sent"].as_u64().unwrap());
@@ -95,7 +108,11 @@ fn mirrors_every_kind_of_entry_then_follows_changes() {
     fs::remove_dir_all(p(&src, b"directory-level-00")).unwrap();
     fs::write(p(&src, b"big.bin"), vec![8u8; 3 << 20]).unwrap(); // same size, new mtime
     fs::rename(p(&src, b"cur/msg:2,S"), p(&src, b"cur/msg:2,RS")).unwrap();
-    write(&src, b"new/incoming", b"moved from new to cur by the client");
+    write(
+        &src,
+        b"new/incoming",
+        b"moved from new to cur by the client",
+    );
     let _ = sync_json(&src, &dest, &[], &cache);
     fs::rename(p(&src, b"new/incoming"), p(&src, b"cur/incoming:2,S")).unwrap();
     fs::remove_file(p(&src, b"empty")).unwrap();
@@ -106,7 +123,7 @@ fn mirrors_every_kind_of_entry_then_follows_changes() {
     fs::remove_file(p(&src, b"h2")).unwrap();
     symlink("h1", p(&src, b"h2")).unwrap(); // file -> symlink
     chmod(&src, b"setgid", 0o2700); // metadata only
-    // DEST has a symlink where SRC has a directory: it must be replaced, never followed.
+                                    // DEST has a symlink where SRC has a directory: it must be replaced, never followed.
     let outside = t.path().join("outside");
     fs::create_dir(&outside).unwrap();
     fs::create_dir_all(p(&src, b"maildir/cur")).unwrap();
@@ -116,25 +133,46 @@ fn mirrors_every_kind_of_entry_then_follows_changes() {
 
     let r = sync_json(&src, &dest, &[], &cache);
     assert_mirror(&src, &dest);
-    assert!(fs::read_dir(&outside).unwrap().next().is_none(), "something was written through the symlink");
-    assert_eq!(r["renamed"], 1, "the new->cur move must be a rename, not a send: {r}");
+    assert!(
+        fs::read_dir(&outside).unwrap().next().is_none(),
+        "something was written through the symlink"
+    );
+    assert_eq!(
+        r["renamed"], 1,
+        "the new->cur move must be a rename, not a send: {r}"
+    );
 
     // No change: nothing is sent, nothing on the wire.
     let r = sync_json(&src, &dest, &[], &cache);
-    assert_eq!((r["files_sent"].as_u64(), r["wire_bytes"].as_u64(), r["deleted"].as_u64()), (Some(0), Some(0), Some(0)), "{r}");
+    assert_eq!(
+        (
+            r["files_sent"].as_u64(),
+            r["wire_bytes"].as_u64(),
+            r["deleted"].as_u64()
+        ),
+        (Some(0), Some(0), Some(0)),
+        "{r}"
+    );
     assert_mirror(&src, &dest);
 }
 
 #[test]
 fn flag_renames_and_moves_are_not_resent() {
     let t = tempfile::tempdir().unwrap();
-    let (src, dest, cache) = (t.path().join("src"), t.path().join("dest"), t.path().join("cache"));
+    let (src, dest, cache) = (
+        t.path().join("src"),
+        t.path().join("dest"),
+        t.path().join("cache"),
+    );
     let g = common::maildir::generate(&src, 7, 400);
     assert!(g.files > 400);
     let _ = sync_json(&src, &dest, &[], &cache);
     assert_mirror(&src, &dest);
     let m = common::maildir::mutate(&src, 7, 1.0, 5.0, 1.0);
-    assert!(m.renamed >= 19 && m.deleted >= 3 && m.new_messages >= 3, "{m:?}");
+    assert!(
+        m.renamed >= 19 && m.deleted >= 3 && m.new_messages >= 3,
+        "{m:?}"
+    );
     let r = sync_json(&src, &dest, &[], &cache);
     assert_mirror(&src, &dest);
     assert_eq!(r["renamed"].as_u64(), Some(m.renamed), "{r}");
@@ -142,14 +180,21 @@ fn flag_renames_and_moves_are_not_resent() {
     assert_eq!(r["bytes_sent"].as_u64(), Some(m.new_bytes), "{r}");
     // The old name of a renamed message that also has a hard-linked copy is unlinked, not
     // moved (the new name links to the copy), so it counts as a delete.
-    let (deleted, links) = (r["deleted"].as_u64().unwrap(), r["hardlinks"].as_u64().unwrap());
+    let (deleted, links) = (
+        r["deleted"].as_u64().unwrap(),
+        r["hardlinks"].as_u64().unwrap(),
+    );
     assert!(deleted >= m.deleted && deleted <= m.deleted + links, "{r}");
 }
 
 #[test]
 fn checksum_mode_finds_content_changes_that_keep_size_and_mtime() {
     let t = tempfile::tempdir().unwrap();
-    let (src, dest, cache) = (t.path().join("src"), t.path().join("dest"), t.path().join("cache"));
+    let (src, dest, cache) = (
+        t.path().join("src"),
+        t.path().join("dest"),
+        t.path().join("cache"),
+    );
     write(&src, b"f", b"aaaa");
     set_mtime(&p(&src, b"f"), 1_000_000, 0);
     let _ = sync_json(&src, &dest, &[], &cache);
@@ -165,27 +210,53 @@ fn checksum_mode_finds_content_changes_that_keep_size_and_mtime() {
 #[test]
 fn no_delete_dry_run_and_exclude() {
     let t = tempfile::tempdir().unwrap();
-    let (src, dest, cache) = (t.path().join("src"), t.path().join("dest"), t.path().join("cache"));
+    let (src, dest, cache) = (
+        t.path().join("src"),
+        t.path().join("dest"),
+        t.path().join("cache"),
+    );
     write(&src, b"keep", b"1");
     write(&src, b"a/x.lock", b"lock");
     write(&src, b"a/tmp/partial", b"p");
     write(&dest, b"extra", b"only in dest");
-    let r = sync_json(&src, &dest, &["--no-delete", "--exclude", "*.lock", "--exclude", "a/tmp"], &cache);
+    let r = sync_json(
+        &src,
+        &dest,
+        &["--no-delete", "--exclude", "*.lock", "--exclude", "a/tmp"],
+        &cache,
+    );
     assert_eq!(r["deleted"], 0);
     assert!(p(&dest, b"extra").exists());
     assert!(!p(&dest, b"a/x.lock").exists());
     assert!(!p(&dest, b"a/tmp").exists());
     let before = snapshot(&dest);
     write(&src, b"later", b"2");
-    let r = sync_json(&src, &dest, &["--dry-run", "--exclude", "*.lock", "--exclude", "a/tmp"], &cache);
-    assert_eq!((r["dry_run"].as_bool(), r["files_sent"].as_u64(), r["deleted"].as_u64()), (Some(true), Some(1), Some(1)), "{r}");
+    let r = sync_json(
+        &src,
+        &dest,
+        &["--dry-run", "--exclude", "*.lock", "--exclude", "a/tmp"],
+        &cache,
+    );
+    assert_eq!(
+        (
+            r["dry_run"].as_bool(),
+            r["files_sent"].as_u64(),
+            r["deleted"].as_u64()
+        ),
+        (Some(true), Some(1), Some(1)),
+        "{r}"
+    );
     assert_eq!(before, snapshot(&dest), "--dry-run changed DEST");
 }
 
 #[test]
 fn an_empty_or_missing_source_does_not_empty_dest() {
     let t = tempfile::tempdir().unwrap();
-    let (src, dest, cache) = (t.path().join("src"), t.path().join("dest"), t.path().join("cache"));
+    let (src, dest, cache) = (
+        t.path().join("src"),
+        t.path().join("dest"),
+        t.path().join("cache"),
+    );
     fs::create_dir(&src).unwrap();
     write(&dest, b"a", b"1");
     write(&dest, b"b/c", b"2");
@@ -211,7 +282,11 @@ fn an_empty_or_missing_source_does_not_empty_dest() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
     assert!(p(&dest, b"a").exists());
     let out = run(args(&["--allow-empty-source"], &src));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!p(&dest, b"a").exists());
 }
 
@@ -219,17 +294,30 @@ fn an_empty_or_missing_source_does_not_empty_dest() {
 fn usage_errors_exit_2() {
     let t = tempfile::tempdir().unwrap();
     let cache = t.path().join("cache");
-    for args in [vec!["sync"], vec!["sync", "host:relative", "/tmp/x"], vec!["sync", "--bogus", "a", "b"]] {
+    for args in [
+        vec!["sync"],
+        vec!["sync", "host:relative", "/tmp/x"],
+        vec!["sync", "--bogus", "a", "b"],
+    ] {
         let args: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
         let out = relaymove(&args, &cache);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
 #[test]
 fn the_stream_is_a_tar_that_standard_tools_read() {
     let t = tempfile::tempdir().unwrap();
-    let (src, dest, cache) = (t.path().join("src"), t.path().join("dest"), t.path().join("cache"));
+    let (src, dest, cache) = (
+        t.path().join("src"),
+        t.path().join("dest"),
+        t.path().join("cache"),
+    );
     fs::create_dir(&src).unwrap();
     build_everything(&src);
     let tee = t.path().join("stream.tar.zst");
@@ -241,10 +329,20 @@ fn the_stream_is_a_tar_that_standard_tools_read() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&listing.stdout);
-    assert!(listing.status.success(), "{}", String::from_utf8_lossy(&listing.stderr));
+    assert!(
+        listing.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listing.stderr)
+    );
     assert!(text.contains("plain.txt"), "{text}");
     assert!(text.contains("link-rel -> plain.txt"), "{text}");
     assert!(text.contains("h2 link to cur/h3"), "{text}");
-    assert!(text.contains("file-at-the-end-of-a-path-far-longer-than-100-bytes"), "{text}");
-    assert!(text.contains("54321/54322"), "numeric owner without a name: {text}");
+    assert!(
+        text.contains("file-at-the-end-of-a-path-far-longer-than-100-bytes"),
+        "{text}"
+    );
+    assert!(
+        text.contains("54321/54322"),
+        "numeric owner without a name: {text}"
+    );
 }

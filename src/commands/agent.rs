@@ -52,11 +52,23 @@ pub fn run(cmd: AgentCmd) -> Result<i32> {
     let mut input = stdin.lock();
     let stdout = io::stdout();
     match cmd.action {
-        AgentAction::Scan { root, checksum, exclude } => {
+        AgentAction::Scan {
+            root,
+            checksum,
+            exclude,
+        } => {
             let mut cache = HashCache::open(&root);
-            let manifest = scan(&root, &ScanOptions { checksum, excludes: exclude }, &mut cache)
-                .with_context(|| format!("scanning {}", root.display()))?;
-            let present: HashSet<&[u8]> = manifest.entries.iter().map(|e| e.path.as_slice()).collect();
+            let manifest = scan(
+                &root,
+                &ScanOptions {
+                    checksum,
+                    excludes: exclude,
+                },
+                &mut cache,
+            )
+            .with_context(|| format!("scanning {}", root.display()))?;
+            let present: HashSet<&[u8]> =
+                manifest.entries.iter().map(|e| e.path.as_slice()).collect();
             cache.retain(|p| present.contains(p));
             let _ = cache.save();
             write_frame(&mut stdout.lock(), &manifest)?;
@@ -81,9 +93,18 @@ pub fn run(cmd: AgentCmd) -> Result<i32> {
         AgentAction::Send { root, level } => {
             let items: Vec<SendItem> = read_frame(&mut input)?;
             let mut cache = HashCache::open(&root);
-            let threads = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1).min(4);
+            let threads = std::thread::available_parallelism()
+                .map(|n| n.get() as u32)
+                .unwrap_or(1)
+                .min(4);
             let out = BufWriter::with_capacity(1 << 20, stdout.lock());
-            send(&root, &items, out, SendOptions { level, threads }, &mut cache)?;
+            send(
+                &root,
+                &items,
+                out,
+                SendOptions { level, threads },
+                &mut cache,
+            )?;
             let _ = cache.save();
         }
         AgentAction::Receive { root } => {
@@ -98,7 +119,12 @@ pub fn run(cmd: AgentCmd) -> Result<i32> {
             match result {
                 Ok(stats) => emit(&mut out, &AgentMessage::Done(stats))?,
                 Err(e) => {
-                    emit(&mut out, &AgentMessage::Error { message: format!("{e:#}") })?;
+                    emit(
+                        &mut out,
+                        &AgentMessage::Error {
+                            message: format!("{e:#}"),
+                        },
+                    )?;
                     return Ok(1);
                 }
             }

@@ -109,7 +109,11 @@ pub fn run(cmd: SyncCmd) -> Result<i32> {
     if let (Endpoint::Local(a), Endpoint::Local(b)) = (&src, &dest) {
         if let (Ok(a), Ok(b)) = (a.canonicalize(), b.canonicalize()) {
             if b.starts_with(&a) || a.starts_with(&b) {
-                return usage(&format!("{} and {} overlap; SRC and DEST must be separate trees", a.display(), b.display()));
+                return usage(&format!(
+                    "{} and {} overlap; SRC and DEST must be separate trees",
+                    a.display(),
+                    b.display()
+                ));
             }
         }
     }
@@ -137,13 +141,17 @@ fn absolute(p: &Path) -> Result<PathBuf> {
     if p.is_absolute() {
         Ok(p.to_path_buf())
     } else {
-        Ok(std::env::current_dir().context("reading the current directory")?.join(p))
+        Ok(std::env::current_dir()
+            .context("reading the current directory")?
+            .join(p))
     }
 }
 
 async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> {
     let start = Instant::now();
-    let ssh = SshOptions { config: cmd.ssh_config.clone() };
+    let ssh = SshOptions {
+        config: cmd.ssh_config.clone(),
+    };
     let (src_conn, dest_conn) = tokio::join!(connect(&src_ep, &ssh), connect(&dest_ep, &ssh));
     let (src, src_root) = src_conn?;
     let (dest, dest_root) = dest_conn?;
@@ -165,7 +173,10 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
         a.push(root.as_os_str().to_owned());
         a
     };
-    let (s, d) = tokio::join!(scan_on(&src, with_root(&src_root)), scan_on(&dest, with_root(&dest_root)));
+    let (s, d) = tokio::join!(
+        scan_on(&src, with_root(&src_root)),
+        scan_on(&dest, with_root(&dest_root))
+    );
     let mut src_m = s.with_context(|| format!("scanning SRC {}", cmd.src))?;
     let mut dest_m = d.with_context(|| format!("scanning DEST {}", cmd.dest))?;
     if !src_m.root_exists && !cmd.allow_empty_source {
@@ -176,14 +187,22 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
         );
     }
 
-    let opts = PlanOptions { delete: !cmd.no_delete, checksum: cmd.checksum, allow_empty_source: cmd.allow_empty_source };
+    let opts = PlanOptions {
+        delete: !cmd.no_delete,
+        checksum: cmd.checksum,
+        allow_empty_source: cmd.allow_empty_source,
+    };
     let request = plan::hash_request(&src_m, &dest_m, &opts);
     if !request.src.is_empty() {
-        let (hs, hd) = tokio::join!(hash_on(&src, &src_root, &request.src), hash_on(&dest, &dest_root, &request.dest));
+        let (hs, hd) = tokio::join!(
+            hash_on(&src, &src_root, &request.src),
+            hash_on(&dest, &dest_root, &request.dest)
+        );
         fill_hashes(&mut src_m, hs?);
         fill_hashes(&mut dest_m, hd?);
     }
-    let plan = plan::build(&src_m, &dest_m, &opts).with_context(|| format!("planning {} → {}", cmd.src, cmd.dest))?;
+    let plan = plan::build(&src_m, &dest_m, &opts)
+        .with_context(|| format!("planning {} → {}", cmd.src, cmd.dest))?;
 
     let listing = cmd.dry_run || cmd.verbose;
     if listing && !cmd.json {
@@ -193,12 +212,31 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
         ReceiveStats::default()
     } else {
         let enabled = !cmd.quiet && !cmd.no_progress;
-        let mut progress = Progress::new(enabled, plan.stats.files_to_send, plan.stats.bytes_to_send);
+        let mut progress =
+            Progress::new(enabled, plan.stats.files_to_send, plan.stats.bytes_to_send);
         let tee = match &cmd.tee_stream {
-            Some(path) => Some(tokio::fs::File::create(path).await.with_context(|| format!("creating {}", path.display()))?),
+            Some(path) => Some(
+                tokio::fs::File::create(path)
+                    .await
+                    .with_context(|| format!("creating {}", path.display()))?,
+            ),
             None => None,
         };
-        let result = transfer(&src, &src_root, &dest, &dest_root, &plan, level, tee, &mut progress).await;
+        let result = transfer(
+            Side {
+                host: &src,
+                root: &src_root,
+            },
+            Side {
+                host: &dest,
+                root: &dest_root,
+            },
+            &plan,
+            level,
+            tee,
+            &mut progress,
+        )
+        .await;
         progress.finish();
         result.with_context(|| format!("sync {} → {} failed", cmd.src, cmd.dest))?
     };
@@ -209,7 +247,10 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
         .skipped
         .iter()
         .chain(stats.vanished.iter())
-        .map(|s| SkippedJson { path: display_path(&s.path), reason: s.reason.clone() })
+        .map(|s| SkippedJson {
+            path: display_path(&s.path),
+            reason: s.reason.clone(),
+        })
         .collect();
     skipped.sort_by(|a, b| a.path.cmp(&b.path));
     let report = if cmd.dry_run {
@@ -289,17 +330,36 @@ fn print_plan(plan: &Plan) -> Result<()> {
         writeln!(out, "mkdir   {}/", display_path(p))?;
     }
     for r in &plan.reuse {
-        let verb = if r.mode == ReuseMode::Link { "rename " } else { "copy   " };
-        writeln!(out, "{verb} {} -> {}", display_path(&r.from), display_path(&r.to))?;
+        let verb = if r.mode == ReuseMode::Link {
+            "rename "
+        } else {
+            "copy   "
+        };
+        writeln!(
+            out,
+            "{verb} {} -> {}",
+            display_path(&r.from),
+            display_path(&r.to)
+        )?;
     }
     for s in &plan.send {
         match &s.link_to {
-            Some(t) => writeln!(out, "link    {} => {}", display_path(&s.path), display_path(t))?,
+            Some(t) => writeln!(
+                out,
+                "link    {} => {}",
+                display_path(&s.path),
+                display_path(t)
+            )?,
             None => writeln!(out, "send    {}", display_path(&s.path))?,
         }
     }
     for l in &plan.link {
-        writeln!(out, "link    {} => {}", display_path(&l.to), display_path(&l.from))?;
+        writeln!(
+            out,
+            "link    {} => {}",
+            display_path(&l.to),
+            display_path(&l.from)
+        )?;
     }
     for m in &plan.meta {
         writeln!(out, "attrs   {}", display_path(&m.path))?;
@@ -320,8 +380,16 @@ async fn scan_on(host: &Host, args: Vec<OsString>) -> Result<Manifest> {
     manifest
 }
 
-async fn hash_on(host: &Host, root: &Path, paths: &[Vec<u8>]) -> Result<Vec<(Vec<u8>, Option<Digest>)>> {
-    let args = vec![OsString::from("agent"), "hash".into(), root.as_os_str().to_owned()];
+async fn hash_on(
+    host: &Host,
+    root: &Path,
+    paths: &[Vec<u8>],
+) -> Result<Vec<(Vec<u8>, Option<Digest>)>> {
+    let args = vec![
+        OsString::from("agent"),
+        "hash".into(),
+        root.as_os_str().to_owned(),
+    ];
     let mut agent = host.spawn(&args).await?;
     let mut stdin = agent.take_stdin()?;
     let mut out = agent.take_stdout()?;
@@ -339,7 +407,10 @@ async fn hash_on(host: &Host, root: &Path, paths: &[Vec<u8>]) -> Result<Vec<(Vec
 }
 
 fn fill_hashes(m: &mut Manifest, hashes: Vec<(Vec<u8>, Option<Digest>)>) {
-    let map: HashMap<Vec<u8>, Digest> = hashes.into_iter().filter_map(|(p, d)| d.map(|d| (p, d))).collect();
+    let map: HashMap<Vec<u8>, Digest> = hashes
+        .into_iter()
+        .filter_map(|(p, d)| d.map(|d| (p, d)))
+        .collect();
     for e in &mut m.entries {
         if let Some(d) = map.get(&e.path) {
             e.hash = Some(*d);
@@ -347,17 +418,26 @@ fn fill_hashes(m: &mut Manifest, hashes: Vec<(Vec<u8>, Option<Digest>)>) {
     }
 }
 
+/// One end of a transfer: the host and the tree's root there.
+struct Side<'a> {
+    host: &'a Host,
+    root: &'a Path,
+}
+
 async fn transfer(
-    src: &Host,
-    src_root: &Path,
-    dest: &Host,
-    dest_root: &Path,
+    from: Side<'_>,
+    to: Side<'_>,
     plan: &Plan,
     level: i32,
     tee: Option<tokio::fs::File>,
     progress: &mut Progress,
 ) -> Result<ReceiveStats> {
-    let recv_args = vec![OsString::from("agent"), "receive".into(), dest_root.as_os_str().to_owned()];
+    let (src, src_root, dest, dest_root) = (from.host, from.root, to.host, to.root);
+    let recv_args = vec![
+        OsString::from("agent"),
+        "receive".into(),
+        dest_root.as_os_str().to_owned(),
+    ];
     let send_args = vec![
         OsString::from("agent"),
         "send".into(),
@@ -383,7 +463,9 @@ async fn transfer(
         let copied = match tee {
             None => {
                 let mut from = BufReader::with_capacity(1 << 20, send_out);
-                tokio::io::copy_buf(&mut from, &mut recv_in).await.map(|_| ())
+                tokio::io::copy_buf(&mut from, &mut recv_in)
+                    .await
+                    .map(|_| ())
             }
             Some(mut file) => relay_with_copy(send_out, &mut recv_in, &mut file).await,
         };
@@ -419,14 +501,21 @@ async fn transfer(
             if let Err(e) = sender_done {
                 err = err.context(format!("{e:#}"));
             }
-            Err(err.context(format!("receiving into {} on {}", dest_root.display(), dest.label())))
+            Err(err.context(format!(
+                "receiving into {} on {}",
+                dest_root.display(),
+                dest.label()
+            )))
         }
         None => {
             receiver_done?;
             sender_done?;
             fed?;
             relayed?;
-            bail!("bug: the receiver on {} ended without a result", dest.label())
+            bail!(
+                "bug: the receiver on {} ended without a result",
+                dest.label()
+            )
         }
     }
 }

@@ -30,8 +30,15 @@ pub struct SshOptions {
 }
 
 pub enum Host {
-    Local { exe: PathBuf },
-    Remote { session: Arc<Session>, exe: OsString, label: String, _config: tempfile::NamedTempFile },
+    Local {
+        exe: PathBuf,
+    },
+    Remote {
+        session: Arc<Session>,
+        exe: OsString,
+        label: String,
+        _config: tempfile::NamedTempFile,
+    },
 }
 
 /// Quotes raw bytes for the remote POSIX shell.
@@ -49,13 +56,25 @@ pub fn shell_quote(arg: &[u8]) -> OsString {
 }
 
 fn ssh_config(opts: &SshOptions) -> Result<tempfile::NamedTempFile> {
-    let mut file = tempfile::Builder::new().prefix("relaymove-ssh").tempfile().context("creating a temporary ssh config")?;
+    let mut file = tempfile::Builder::new()
+        .prefix("relaymove-ssh")
+        .tempfile()
+        .context("creating a temporary ssh config")?;
     let mut text = String::from("# written by relaymove: these first values win over the included ones\nForwardAgent no\nForwardX11 no\n");
     let user_config = match &opts.config {
-        Some(p) => Some(std::fs::canonicalize(p).with_context(|| format!("reading ssh config {}", p.display()))?),
-        None => std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".ssh/config")).filter(|p| p.exists()),
+        Some(p) => Some(
+            std::fs::canonicalize(p)
+                .with_context(|| format!("reading ssh config {}", p.display()))?,
+        ),
+        None => std::env::var_os("HOME")
+            .map(|h| PathBuf::from(h).join(".ssh/config"))
+            .filter(|p| p.exists()),
     };
-    for inc in user_config.iter().map(|p| p.as_path()).chain([Path::new("/etc/ssh/ssh_config")]) {
+    for inc in user_config
+        .iter()
+        .map(|p| p.as_path())
+        .chain([Path::new("/etc/ssh/ssh_config")])
+    {
         if inc.exists() {
             text.push_str(&format!("Include \"{}\"\n", inc.display()));
         }
@@ -82,7 +101,9 @@ mv "$1.part" "$1"
 
 impl Host {
     pub fn local() -> Result<Host> {
-        Ok(Host::Local { exe: std::env::current_exe().context("finding this program's path")? })
+        Ok(Host::Local {
+            exe: std::env::current_exe().context("finding this program's path")?,
+        })
     }
 
     pub fn label(&self) -> &str {
@@ -119,12 +140,22 @@ impl Host {
         })?;
         let session = Arc::new(session);
         let exe = install_agent(&session, &label).await?;
-        Ok(Host::Remote { session, exe, label, _config: config })
+        Ok(Host::Remote {
+            session,
+            exe,
+            label,
+            _config: config,
+        })
     }
 
     /// Starts `relaymove agent ARGS…` on this host with piped stdin, stdout and stderr.
     pub async fn spawn(&self, args: &[OsString]) -> Result<AgentProcess> {
-        let what = args.iter().take(2).map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ");
+        let what = args
+            .iter()
+            .take(2)
+            .map(|a| a.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" ");
         match self {
             Host::Local { exe } => {
                 let mut child = tokio::process::Command::new(exe)
@@ -135,12 +166,33 @@ impl Host {
                     .kill_on_drop(true)
                     .spawn()
                     .with_context(|| format!("starting {}", exe.display()))?;
-                let stdin = child.stdin.take().map(|s| Box::pin(s) as Pin<Box<dyn AsyncWrite + Send>>);
-                let stdout = child.stdout.take().map(|s| Box::pin(s) as Pin<Box<dyn AsyncRead + Send>>);
-                let stderr = child.stderr.take().map(|s| Box::pin(s) as Pin<Box<dyn AsyncRead + Send>>);
-                Ok(AgentProcess::new(stdin, stdout, stderr, Waiter::Local(child), self.label(), what))
+                let stdin = child
+                    .stdin
+                    .take()
+                    .map(|s| Box::pin(s) as Pin<Box<dyn AsyncWrite + Send>>);
+                let stdout = child
+                    .stdout
+                    .take()
+                    .map(|s| Box::pin(s) as Pin<Box<dyn AsyncRead + Send>>);
+                let stderr = child
+                    .stderr
+                    .take()
+                    .map(|s| Box::pin(s) as Pin<Box<dyn AsyncRead + Send>>);
+                Ok(AgentProcess::new(
+                    stdin,
+                    stdout,
+                    stderr,
+                    Waiter::Local(child),
+                    self.label(),
+                    what,
+                ))
             }
-            Host::Remote { session, exe, label, .. } => {
+            Host::Remote {
+                session,
+                exe,
+                label,
+                ..
+            } => {
                 let mut cmd = session.clone().arc_raw_command(exe);
                 for a in args {
                     cmd.raw_arg(shell_quote(a.as_bytes()));
@@ -152,10 +204,26 @@ impl Host {
                     .spawn()
                     .await
                     .with_context(|| format!("starting the agent on {label}"))?;
-                let stdin = child.stdin().take().map(|s| Box::pin(s) as Pin<Box<dyn AsyncWrite + Send>>);
-                let stdout = child.stdout().take().map(|s| Box::pin(s) as Pin<Box<dyn AsyncRead + Send>>);
-                let stderr = child.stderr().take().map(|s| Box::pin(s) as Pin<Box<dyn AsyncRead + Send>>);
-                Ok(AgentProcess::new(stdin, stdout, stderr, Waiter::Remote(child), label, what))
+                let stdin = child
+                    .stdin()
+                    .take()
+                    .map(|s| Box::pin(s) as Pin<Box<dyn AsyncWrite + Send>>);
+                let stdout = child
+                    .stdout()
+                    .take()
+                    .map(|s| Box::pin(s) as Pin<Box<dyn AsyncRead + Send>>);
+                let stderr = child
+                    .stderr()
+                    .take()
+                    .map(|s| Box::pin(s) as Pin<Box<dyn AsyncRead + Send>>);
+                Ok(AgentProcess::new(
+                    stdin,
+                    stdout,
+                    stderr,
+                    Waiter::Remote(child),
+                    label,
+                    what,
+                ))
             }
         }
     }
@@ -171,7 +239,9 @@ impl Host {
 
 async fn install_agent(session: &Arc<Session>, label: &str) -> Result<OsString> {
     let exe = std::env::current_exe().context("finding this program's path")?;
-    let bytes = tokio::fs::read(&exe).await.with_context(|| format!("reading {}", exe.display()))?;
+    let bytes = tokio::fs::read(&exe)
+        .await
+        .with_context(|| format!("reading {}", exe.display()))?;
     let digest = crate::sync::hash_cache::hex(&Sha256::digest(&bytes));
     let check = session
         .command("sh")
@@ -189,7 +259,9 @@ async fn install_agent(session: &Arc<Session>, label: &str) -> Result<OsString> 
         );
     }
     let answer = String::from_utf8_lossy(&check.stdout).trim().to_string();
-    let (state, path) = answer.split_once(' ').ok_or_else(|| anyhow!("unexpected answer from {label}: {answer:?}"))?;
+    let (state, path) = answer
+        .split_once(' ')
+        .ok_or_else(|| anyhow!("unexpected answer from {label}: {answer:?}"))?;
     if state == "need" {
         let mut child = session
             .command("sh")
@@ -202,12 +274,21 @@ async fn install_agent(session: &Arc<Session>, label: &str) -> Result<OsString> 
             .spawn()
             .await
             .with_context(|| format!("uploading the agent to {label}"))?;
-        let mut stdin = child.stdin().take().ok_or_else(|| anyhow!("no stdin for the upload"))?;
-        stdin.write_all(&bytes).await.with_context(|| format!("uploading the agent to {label}"))?;
+        let mut stdin = child
+            .stdin()
+            .take()
+            .ok_or_else(|| anyhow!("no stdin for the upload"))?;
+        stdin
+            .write_all(&bytes)
+            .await
+            .with_context(|| format!("uploading the agent to {label}"))?;
         drop(stdin);
         let out = child.wait_with_output().await?;
         if !out.status.success() {
-            bail!("uploading the agent to {label}:{path} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "uploading the agent to {label}:{path} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
     }
     Ok(OsString::from(path))
@@ -246,15 +327,26 @@ impl AgentProcess {
             }
             text
         });
-        AgentProcess { stdin, stdout, stderr, waiter, label: label.to_string(), what }
+        AgentProcess {
+            stdin,
+            stdout,
+            stderr,
+            waiter,
+            label: label.to_string(),
+            what,
+        }
     }
 
     pub fn take_stdin(&mut self) -> Result<Pin<Box<dyn AsyncWrite + Send>>> {
-        self.stdin.take().ok_or_else(|| anyhow!("bug: agent stdin already taken"))
+        self.stdin
+            .take()
+            .ok_or_else(|| anyhow!("bug: agent stdin already taken"))
     }
 
     pub fn take_stdout(&mut self) -> Result<Pin<Box<dyn AsyncRead + Send>>> {
-        self.stdout.take().ok_or_else(|| anyhow!("bug: agent stdout already taken"))
+        self.stdout
+            .take()
+            .ok_or_else(|| anyhow!("bug: agent stdout already taken"))
     }
 
     /// Waits for the agent to exit; a failure carries what it printed on stderr.
@@ -272,10 +364,24 @@ impl AgentProcess {
         match status {
             Ok(s) if s.success() => Ok(()),
             Ok(s) => {
-                let detail = if stderr.is_empty() { format!("exit status {s}") } else { stderr.to_string() };
-                bail!("{what} on {label} failed: {}", detail.trim_start_matches("relaymove: "))
+                let detail = if stderr.is_empty() {
+                    format!("exit status {s}")
+                } else {
+                    stderr.to_string()
+                };
+                bail!(
+                    "{what} on {label} failed: {}",
+                    detail.trim_start_matches("relaymove: ")
+                )
             }
-            Err(e) => bail!("{what} on {label}: connection lost ({e}){}", if stderr.is_empty() { String::new() } else { format!(": {stderr}") }),
+            Err(e) => bail!(
+                "{what} on {label}: connection lost ({e}){}",
+                if stderr.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {stderr}")
+                }
+            ),
         }
     }
 }

@@ -49,13 +49,17 @@ impl Endpoint {
             None => (None, s),
         };
         let (host, after) = if let Some(stripped) = rest.strip_prefix('[') {
-            let end = stripped.find(']').ok_or_else(|| format!("{s}: missing `]` after an IPv6 address"))?;
+            let end = stripped
+                .find(']')
+                .ok_or_else(|| format!("{s}: missing `]` after an IPv6 address"))?;
             let after = stripped[end + 1..]
                 .strip_prefix(':')
                 .ok_or_else(|| format!("{s}: expected `:` after `]`"))?;
             (stripped[..end].to_string(), after)
         } else {
-            let i = rest.find(':').ok_or_else(|| format!("{s}: expected host:PATH"))?;
+            let i = rest
+                .find(':')
+                .ok_or_else(|| format!("{s}: expected host:PATH"))?;
             (rest[..i].to_string(), &rest[i + 1..])
         };
         if host.is_empty() {
@@ -66,7 +70,9 @@ impl Endpoint {
         }
         let (port, path) = match after.split_once(':') {
             Some((p, path)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => {
-                let port: u16 = p.parse().map_err(|_| format!("{s}: port {p} is out of range"))?;
+                let port: u16 = p
+                    .parse()
+                    .map_err(|_| format!("{s}: port {p} is out of range"))?;
                 (Some(port), path)
             }
             _ => (None, after),
@@ -100,15 +106,30 @@ mod tests {
 
     #[test]
     fn parses_the_forms_users_type() {
-        assert_eq!(Endpoint::parse("/var/mail").unwrap(), Endpoint::Local("/var/mail".into()));
-        assert_eq!(Endpoint::parse("rel/a:b").unwrap(), Endpoint::Local("rel/a:b".into()));
-        assert_eq!(Endpoint::parse("plain").unwrap(), Endpoint::Local("plain".into()));
-        assert_eq!(Endpoint::parse("old:/home/vmail").unwrap(), remote(None, "old", None, "/home/vmail"));
+        assert_eq!(
+            Endpoint::parse("/var/mail").unwrap(),
+            Endpoint::Local("/var/mail".into())
+        );
+        assert_eq!(
+            Endpoint::parse("rel/a:b").unwrap(),
+            Endpoint::Local("rel/a:b".into())
+        );
+        assert_eq!(
+            Endpoint::parse("plain").unwrap(),
+            Endpoint::Local("plain".into())
+        );
+        assert_eq!(
+            Endpoint::parse("old:/home/vmail").unwrap(),
+            remote(None, "old", None, "/home/vmail")
+        );
         assert_eq!(
             Endpoint::parse("root@mail.example.org:2222:/x").unwrap(),
             remote(Some("root"), "mail.example.org", Some(2222), "/x")
         );
-        assert_eq!(Endpoint::parse("[2001:db8::1]:/x").unwrap(), remote(None, "2001:db8::1", None, "/x"));
+        assert_eq!(
+            Endpoint::parse("[2001:db8::1]:/x").unwrap(),
+            remote(None, "2001:db8::1", None, "/x")
+        );
         assert_eq!(
             Endpoint::parse("u@[2001:db8::1]:22:/x").unwrap(),
             remote(Some("u"), "2001:db8::1", Some(22), "/x")

@@ -31,7 +31,8 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
 
 fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T> {
     let raw = zstd::decode_all(body).context("decompressing a protocol message")?;
-    postcard::from_bytes(&raw).context("decoding a protocol message (is the agent the same version?)")
+    postcard::from_bytes(&raw)
+        .context("decoding a protocol message (is the agent the same version?)")
 }
 
 fn check_len(len: u64) -> Result<usize> {
@@ -45,7 +46,8 @@ pub fn read_frame<T: DeserializeOwned>(r: &mut impl Read) -> Result<T> {
     let mut len = [0u8; 8];
     r.read_exact(&mut len).context("reading a protocol frame")?;
     let mut body = vec![0u8; check_len(u64::from_le_bytes(len))?];
-    r.read_exact(&mut body).context("reading a protocol frame")?;
+    r.read_exact(&mut body)
+        .context("reading a protocol frame")?;
     decode_body(&body)
 }
 
@@ -57,13 +59,20 @@ pub fn write_frame<T: Serialize>(w: &mut impl Write, value: &T) -> Result<()> {
 
 pub async fn read_frame_async<T: DeserializeOwned>(r: &mut (impl AsyncRead + Unpin)) -> Result<T> {
     let mut len = [0u8; 8];
-    r.read_exact(&mut len).await.context("reading a protocol frame")?;
+    r.read_exact(&mut len)
+        .await
+        .context("reading a protocol frame")?;
     let mut body = vec![0u8; check_len(u64::from_le_bytes(len))?];
-    r.read_exact(&mut body).await.context("reading a protocol frame")?;
+    r.read_exact(&mut body)
+        .await
+        .context("reading a protocol frame")?;
     decode_body(&body)
 }
 
-pub async fn write_frame_async<T: Serialize>(w: &mut (impl AsyncWrite + Unpin), value: &T) -> Result<()> {
+pub async fn write_frame_async<T: Serialize>(
+    w: &mut (impl AsyncWrite + Unpin),
+    value: &T,
+) -> Result<()> {
     w.write_all(&encode(value)?).await?;
     w.flush().await?;
     Ok(())

@@ -8,7 +8,12 @@ use std::time::{Duration, Instant};
 
 pub enum Progress {
     Bar(ProgressBar),
-    Lines { start: Instant, last: Instant, total_bytes: u64, total_files: u64 },
+    Lines {
+        start: Instant,
+        last: Instant,
+        total_bytes: u64,
+        total_files: u64,
+    },
     Hidden,
 }
 
@@ -18,7 +23,8 @@ impl Progress {
             return Progress::Hidden;
         }
         if std::io::stderr().is_terminal() {
-            let bar = ProgressBar::with_draw_target(Some(total_bytes), ProgressDrawTarget::stderr());
+            let bar =
+                ProgressBar::with_draw_target(Some(total_bytes), ProgressDrawTarget::stderr());
             let style = ProgressStyle::with_template(
                 "{spinner} {msg} {bytes}/{total_bytes} {bar:30} {bytes_per_sec} ETA {eta}",
             )
@@ -29,7 +35,12 @@ impl Progress {
             Progress::Bar(bar)
         } else {
             let now = Instant::now();
-            Progress::Lines { start: now, last: now, total_bytes, total_files }
+            Progress::Lines {
+                start: now,
+                last: now,
+                total_bytes,
+                total_files,
+            }
         }
     }
 
@@ -39,7 +50,12 @@ impl Progress {
                 bar.set_position(p.bytes);
                 bar.set_message(format!("{}/{} files", p.files, total_files));
             }
-            Progress::Lines { start, last, total_bytes, total_files } => {
+            Progress::Lines {
+                start,
+                last,
+                total_bytes,
+                total_files,
+            } => {
                 if last.elapsed() >= Duration::from_secs(5) {
                     *last = Instant::now();
                     let secs = start.elapsed().as_secs_f64().max(0.001);

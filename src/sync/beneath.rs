@@ -30,7 +30,11 @@ pub fn validate(rel: &[u8]) -> Result<()> {
     }
     for comp in rel.split(|&b| b == b'/') {
         if comp.is_empty() || comp == b"." || comp == b".." {
-            bail!("path {} has a `{}` component; refused", display_path(rel), String::from_utf8_lossy(comp));
+            bail!(
+                "path {} has a `{}` component; refused",
+                display_path(rel),
+                String::from_utf8_lossy(comp)
+            );
         }
     }
     Ok(())
@@ -83,7 +87,10 @@ impl Tree {
 
     /// The full path of `rel`, for messages.
     pub fn show(&self, rel: &[u8]) -> String {
-        self.root_path.join(OsStr::from_bytes(rel)).display().to_string()
+        self.root_path
+            .join(OsStr::from_bytes(rel))
+            .display()
+            .to_string()
     }
 
     /// Opens directory `rel` (empty = root) without following any symlink on the way.
@@ -139,7 +146,11 @@ impl Tree {
         match nix::sys::stat::mkdirat(parent.as_fd(), name, Mode::from_bits_truncate(0o700)) {
             Ok(()) => Ok(()),
             Err(Errno::EEXIST) => {
-                let st = fstatat(parent.as_fd(), name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)?;
+                let st = fstatat(
+                    parent.as_fd(),
+                    name,
+                    nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+                )?;
                 if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR {
                     Ok(())
                 } else {
@@ -185,10 +196,27 @@ mod tests {
 
     #[test]
     fn validate_refuses_escapes() {
-        for bad in [&b"/etc/passwd"[..], b"../x", b"a/../b", b"a//b", b"./a", b"a/", b"", b"a\0b"] {
+        for bad in [
+            &b"/etc/passwd"[..],
+            b"../x",
+            b"a/../b",
+            b"a//b",
+            b"./a",
+            b"a/",
+            b"",
+            b"a\0b",
+        ] {
             assert!(validate(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
         }
-        for good in [&b"a"[..], b"a/b", b"..a", b"a..", b"-x", b"\xff\xfe", b"a b\nc"] {
+        for good in [
+            &b"a"[..],
+            b"a/b",
+            b"..a",
+            b"a..",
+            b"-x",
+            b"\xff\xfe",
+            b"a b\nc",
+        ] {
             assert!(validate(good).is_ok());
         }
     }

@@ -150,7 +150,11 @@ pub fn hash_request(src: &Manifest, dest: &Manifest, opts: &PlanOptions) -> Hash
     }
     let dest_by_path = index(dest);
     let mut wanted: HashMap<(u64, i64, u32), Vec<&[u8]>> = HashMap::new();
-    for s in src.entries.iter().filter(|e| e.kind == Kind::File && e.size > 0) {
+    for s in src
+        .entries
+        .iter()
+        .filter(|e| e.kind == Kind::File && e.size > 0)
+    {
         let same = dest_by_path
             .get(s.path.as_slice())
             .is_some_and(|d| content_same(s, d, false));
@@ -219,7 +223,11 @@ pub fn build(src: &Manifest, dest: &Manifest, opts: &PlanOptions) -> Result<Plan
     top.sort();
     plan.delete = top.iter().map(|p| p.to_vec()).collect();
     let gone = |p: &[u8]| doomed.contains(p) || ancestors(p).any(|a| doomed.contains(a));
-    plan.stats.deleted = dest.entries.iter().filter(|d| !d.path.is_empty() && gone(&d.path)).count() as u64;
+    plan.stats.deleted = dest
+        .entries
+        .iter()
+        .filter(|d| !d.path.is_empty() && gone(&d.path))
+        .count() as u64;
 
     // Content already in DEST, by hash, for rename detection.
     let mut dest_by_hash: HashMap<Digest, Vec<&Entry>> = HashMap::new();
@@ -316,8 +324,7 @@ pub fn build(src: &Manifest, dest: &Manifest, opts: &PlanOptions) -> Result<Plan
             anchor = Some((m, md));
             break;
         }
-        let rest_from: &Entry;
-        match anchor {
+        let rest_from: &Entry = match anchor {
             Some((a, ad)) => {
                 if !meta_same(a, ad) {
                     plan.meta.push(MetaUpdate {
@@ -326,7 +333,7 @@ pub fn build(src: &Manifest, dest: &Manifest, opts: &PlanOptions) -> Result<Plan
                         meta: a.meta.clone(),
                     });
                 }
-                rest_from = a;
+                a
             }
             None => {
                 let primary = members[0];
@@ -377,9 +384,9 @@ pub fn build(src: &Manifest, dest: &Manifest, opts: &PlanOptions) -> Result<Plan
                         continue;
                     }
                 }
-                rest_from = primary;
+                primary
             }
-        }
+        };
         let placed_inode = dest_by_path
             .get(rest_from.path.as_slice())
             .filter(|d| anchor.is_some() && d.kind == Kind::File)
@@ -511,7 +518,10 @@ mod tests {
     #[test]
     fn a_copied_message_keeps_its_dest_twin_by_copying() {
         // Same content under two independent names in SRC; DEST has only the first.
-        let src = manifest(vec![entry("a", Kind::File, 70, 3, 1), entry("b", Kind::File, 70, 4, 1)]);
+        let src = manifest(vec![
+            entry("a", Kind::File, 70, 3, 1),
+            entry("b", Kind::File, 70, 4, 1),
+        ]);
         let dest = manifest(vec![entry("a", Kind::File, 70, 9, 1)]);
         let opts = PlanOptions::default();
         let req = hash_request(&src, &dest, &opts);
@@ -556,7 +566,10 @@ mod tests {
     #[test]
     fn an_empty_source_does_not_empty_dest() {
         let src = manifest(vec![]);
-        let dest = manifest(vec![entry("a", Kind::File, 1, 2, 1), entry("b", Kind::File, 1, 3, 1)]);
+        let dest = manifest(vec![
+            entry("a", Kind::File, 1, 2, 1),
+            entry("b", Kind::File, 1, 3, 1),
+        ]);
         let opts = PlanOptions {
             delete: true,
             ..PlanOptions::default()
@@ -579,7 +592,7 @@ mod tests {
         ]);
         let plan = build(&src, &dest, &PlanOptions::default()).unwrap();
         assert_eq!(plan.delete, vec![b"d".to_vec()]);
-        assert_eq!(plan.stats.deleted, 1);
+        assert_eq!(plan.stats.deleted, 2, "the directory and what it held");
         assert_eq!(plan.send.len(), 1);
     }
 

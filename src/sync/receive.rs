@@ -106,7 +106,10 @@ impl Owners {
         let gid = match &meta.group {
             Some(name) => {
                 let found = *self.groups.entry(name.clone()).or_insert_with(|| {
-                    Group::from_name(name).ok().flatten().map(|g| g.gid.as_raw())
+                    Group::from_name(name)
+                        .ok()
+                        .flatten()
+                        .map(|g| g.gid.as_raw())
                 });
                 found.unwrap_or_else(|| {
                     if self.warned.insert(format!("g:{name}")) {
@@ -152,16 +155,29 @@ fn apply_meta_fd(fd: BorrowedFd<'_>, meta: &Meta, owners: &mut Owners, what: &st
     let (uid, gid) = owners.ids(meta);
     let r = fchown(fd, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)));
     owners.chown_result(r, what)?;
-    fchmod(fd, Mode::from_bits_truncate(meta.mode)).with_context(|| format!("setting the mode of {what}"))?;
+    fchmod(fd, Mode::from_bits_truncate(meta.mode))
+        .with_context(|| format!("setting the mode of {what}"))?;
     let [atime, mtime] = mtime_spec(meta);
     futimens(fd, &atime, &mtime).with_context(|| format!("setting the mtime of {what}"))?;
     Ok(())
 }
 
 /// Owner and mtime of a symlink, by name, never following it.
-fn apply_meta_symlink(dir: BorrowedFd<'_>, name: &OsStr, meta: &Meta, owners: &mut Owners, what: &str) -> Result<()> {
+fn apply_meta_symlink(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    meta: &Meta,
+    owners: &mut Owners,
+    what: &str,
+) -> Result<()> {
     let (uid, gid) = owners.ids(meta);
-    let r = fchownat(dir, name, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)), AtFlags::AT_SYMLINK_NOFOLLOW);
+    let r = fchownat(
+        dir,
+        name,
+        Some(Uid::from_raw(uid)),
+        Some(Gid::from_raw(gid)),
+        AtFlags::AT_SYMLINK_NOFOLLOW,
+    );
     owners.chown_result(r, what)?;
     let [atime, mtime] = mtime_spec(meta);
     utimensat(dir, name, &atime, &mtime, UtimensatFlags::NoFollowSymlink)
@@ -184,7 +200,12 @@ static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 fn temp_name() -> OsString {
     let mut name = TEMP_PREFIX.to_vec();
     name.extend_from_slice(
-        format!("{}.{}", std::process::id(), TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)).as_bytes(),
+        format!(
+            "{}.{}",
+            std::process::id(),
+            TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+        )
+        .as_bytes(),
     );
     OsString::from_vec(name)
 }
@@ -209,7 +230,11 @@ impl<'a> TempGuard<'a> {
     /// nothing, so the temp name is removed explicitly.
     fn commit(mut self, final_name: &OsStr) -> Result<()> {
         nix::fcntl::renameat(self.dir, self.name.as_os_str(), self.dir, final_name)?;
-        let _ = nix::unistd::unlinkat(self.dir, self.name.as_os_str(), nix::unistd::UnlinkatFlags::NoRemoveDir);
+        let _ = nix::unistd::unlinkat(
+            self.dir,
+            self.name.as_os_str(),
+            nix::unistd::UnlinkatFlags::NoRemoveDir,
+        );
         self.armed = false;
         Ok(())
     }
@@ -269,7 +294,12 @@ pub struct Receiver<'p> {
 }
 
 impl<'p> Receiver<'p> {
-    pub fn new(tree: Tree, plan: &'p Plan, cache: HashCache, durability: Durability) -> Receiver<'p> {
+    pub fn new(
+        tree: Tree,
+        plan: &'p Plan,
+        cache: HashCache,
+        durability: Durability,
+    ) -> Receiver<'p> {
         Receiver {
             tree,
             plan,
@@ -287,7 +317,11 @@ impl<'p> Receiver<'p> {
 
     /// Carries out the plan, reading members from `input` (the zstd-compressed tar stream).
     /// `progress` is called now and then from this thread.
-    pub fn run(mut self, input: impl Read, mut progress: impl FnMut(ReceiveProgress)) -> Result<ReceiveStats> {
+    pub fn run(
+        mut self,
+        input: impl Read,
+        mut progress: impl FnMut(ReceiveProgress),
+    ) -> Result<ReceiveStats> {
         let staged = self.stage_reuse()?;
         for rel in &self.plan.delete {
             self.tree.remove(rel)?;
@@ -335,9 +369,23 @@ impl<'p> Receiver<'p> {
         }
         let stage = self.staging_dir();
         let root = self.tree.dir(b"")?;
-        nix::sys::stat::mkdirat(root.as_fd(), stage.as_os_str(), Mode::from_bits_truncate(0o700))
-            .with_context(|| format!("creating staging directory in {}", self.tree.root_path().display()))?;
-        let stage_fd = openat(root.as_fd(), stage.as_os_str(), OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())?;
+        nix::sys::stat::mkdirat(
+            root.as_fd(),
+            stage.as_os_str(),
+            Mode::from_bits_truncate(0o700),
+        )
+        .with_context(|| {
+            format!(
+                "creating staging directory in {}",
+                self.tree.root_path().display()
+            )
+        })?;
+        let stage_fd = openat(
+            root.as_fd(),
+            stage.as_os_str(),
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
         let mut staged = Vec::new();
         for (i, reuse) in self.plan.reuse.iter().enumerate() {
             let (dir, name) = self.tree.parent(&reuse.from)?;
@@ -357,14 +405,26 @@ impl<'p> Receiver<'p> {
             }
             let staged_name = OsString::from(i.to_string());
             match reuse.mode {
-                ReuseMode::Link => linkat(dir.as_fd(), name, stage_fd.as_fd(), staged_name.as_os_str(), AtFlags::empty())
-                    .with_context(|| format!("linking {what}"))?,
+                ReuseMode::Link => linkat(
+                    dir.as_fd(),
+                    name,
+                    stage_fd.as_fd(),
+                    staged_name.as_os_str(),
+                    AtFlags::empty(),
+                )
+                .with_context(|| format!("linking {what}"))?,
                 ReuseMode::Copy => {
                     use std::io::Seek;
                     file.seek(io::SeekFrom::Start(0))?;
-                    let out = openat(stage_fd.as_fd(), staged_name.as_os_str(), OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC, Mode::from_bits_truncate(0o600))?;
+                    let out = openat(
+                        stage_fd.as_fd(),
+                        staged_name.as_os_str(),
+                        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC,
+                        Mode::from_bits_truncate(0o600),
+                    )?;
                     let mut out = File::from(out);
-                    let (copied, _) = copy_hashing(&mut file, &mut out).with_context(|| format!("copying {what}"))?;
+                    let (copied, _) = copy_hashing(&mut file, &mut out)
+                        .with_context(|| format!("copying {what}"))?;
                     if copied != reuse.digest {
                         bail!("{what} changed while being copied; run the sync again");
                     }
@@ -384,7 +444,12 @@ impl<'p> Receiver<'p> {
         }
         let stage = self.staging_dir();
         let root = self.tree.dir(b"")?;
-        let stage_fd = openat(root.as_fd(), stage.as_os_str(), OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())?;
+        let stage_fd = openat(
+            root.as_fd(),
+            stage.as_os_str(),
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
         for (reuse, staged_name) in self.plan.reuse.iter().zip(staged) {
             let what = self.tree.show(&reuse.to);
             let fd = open_nofollow(stage_fd.as_fd(), &staged_name)?;
@@ -398,14 +463,30 @@ impl<'p> Receiver<'p> {
         Ok(())
     }
 
-    fn receive_stream(&mut self, input: impl Read, wire: Arc<AtomicU64>, progress: &mut impl FnMut(ReceiveProgress)) -> Result<()> {
-        let mut expected: HashMap<&[u8], Kind> = self.plan.send.iter().map(|s| (s.path.as_slice(), s.kind)).collect();
-        let counting = CountingReader { inner: input, count: wire.clone() };
-        let decoder = zstd::stream::read::Decoder::new(counting).context("starting to decompress the stream")?;
+    fn receive_stream(
+        &mut self,
+        input: impl Read,
+        wire: Arc<AtomicU64>,
+        progress: &mut impl FnMut(ReceiveProgress),
+    ) -> Result<()> {
+        let mut expected: HashMap<&[u8], Kind> = self
+            .plan
+            .send
+            .iter()
+            .map(|s| (s.path.as_slice(), s.kind))
+            .collect();
+        let counting = CountingReader {
+            inner: input,
+            count: wire.clone(),
+        };
+        let decoder = zstd::stream::read::Decoder::new(counting)
+            .context("starting to decompress the stream")?;
         let mut archive = tar::Archive::new(decoder);
         let mut trailer: Option<Trailer> = None;
         let mut last_report = Instant::now();
-        let cut = |e: &dyn std::fmt::Display| anyhow!("the stream broke off ({e}); DEST keeps, for each path, its old or its new version; run the same command again to finish");
+        let cut = |e: &dyn std::fmt::Display| {
+            anyhow!("the stream broke off ({e}); DEST keeps, for each path, its old or its new version; run the same command again to finish")
+        };
         let entries = archive.entries().map_err(|e| cut(&e))?;
         for entry in entries {
             let mut entry = entry.map_err(|e| cut(&e))?;
@@ -415,18 +496,36 @@ impl<'p> Receiver<'p> {
             validate(&member.path).context("refusing a stream member")?;
             match expected.remove(member.path.as_slice()) {
                 Some(kind) if kind == member.plan_kind() => {}
-                Some(kind) => bail!("stream member {} is a {}, the plan expected a {}; refused", display_path(&member.path), member.plan_kind().describe(), kind.describe()),
-                None => bail!("stream member {} was not asked for; refused", display_path(&member.path)),
+                Some(kind) => bail!(
+                    "stream member {} is a {}, the plan expected a {}; refused",
+                    display_path(&member.path),
+                    member.plan_kind().describe(),
+                    kind.describe()
+                ),
+                None => bail!(
+                    "stream member {} was not asked for; refused",
+                    display_path(&member.path)
+                ),
             }
             let path = member.path.clone();
             let (dir, name) = self.tree.parent(&path)?;
             let what = self.tree.show(&path);
-            self.touched_dirs.insert(crate::sync::beneath::split(&path).0.to_vec());
+            self.touched_dirs
+                .insert(crate::sync::beneath::split(&path).0.to_vec());
             let tmp = TempGuard::new(dir.as_fd());
             match &member.kind {
                 MemberKind::File { digest } => {
-                    let fd = openat(dir.as_fd(), tmp.name.as_os_str(), OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::from_bits_truncate(0o600))
-                        .with_context(|| format!("creating a temporary file for {what}"))?;
+                    let fd = openat(
+                        dir.as_fd(),
+                        tmp.name.as_os_str(),
+                        OFlag::O_WRONLY
+                            | OFlag::O_CREAT
+                            | OFlag::O_EXCL
+                            | OFlag::O_NOFOLLOW
+                            | OFlag::O_CLOEXEC,
+                        Mode::from_bits_truncate(0o600),
+                    )
+                    .with_context(|| format!("creating a temporary file for {what}"))?;
                     let mut file = File::from(fd);
                     let (got, n) = copy_hashing(&mut entry, &mut file).map_err(|e| cut(&e))?;
                     if got != *digest {
@@ -436,7 +535,8 @@ impl<'p> Receiver<'p> {
                     if self.durability == Durability::Fsync {
                         file.sync_all().with_context(|| format!("syncing {what}"))?;
                     }
-                    tmp.commit(name).with_context(|| format!("renaming into {what}"))?;
+                    tmp.commit(name)
+                        .with_context(|| format!("renaming into {what}"))?;
                     self.placed.push((path, *digest));
                     self.stats.files_written += 1;
                     self.stats.bytes_written += n;
@@ -444,23 +544,46 @@ impl<'p> Receiver<'p> {
                 MemberKind::HardLink { target } => {
                     validate(target).context("refusing a hard link member")?;
                     let (tdir, tname) = self.tree.parent(target)?;
-                    linkat(tdir.as_fd(), tname, dir.as_fd(), tmp.name.as_os_str(), AtFlags::empty())
-                        .with_context(|| format!("linking {what} to {}", self.tree.show(target)))?;
-                    tmp.commit(name).with_context(|| format!("renaming into {what}"))?;
+                    linkat(
+                        tdir.as_fd(),
+                        tname,
+                        dir.as_fd(),
+                        tmp.name.as_os_str(),
+                        AtFlags::empty(),
+                    )
+                    .with_context(|| format!("linking {what} to {}", self.tree.show(target)))?;
+                    tmp.commit(name)
+                        .with_context(|| format!("renaming into {what}"))?;
                     self.stats.hardlinks += 1;
                 }
                 MemberKind::Symlink { target } => {
-                    nix::unistd::symlinkat(OsStr::from_bytes(target), dir.as_fd(), tmp.name.as_os_str())
-                        .with_context(|| format!("creating symlink {what}"))?;
-                    apply_meta_symlink(dir.as_fd(), &tmp.name, &member.meta, &mut self.owners, &what)?;
-                    tmp.commit(name).with_context(|| format!("renaming into {what}"))?;
+                    nix::unistd::symlinkat(
+                        OsStr::from_bytes(target),
+                        dir.as_fd(),
+                        tmp.name.as_os_str(),
+                    )
+                    .with_context(|| format!("creating symlink {what}"))?;
+                    apply_meta_symlink(
+                        dir.as_fd(),
+                        &tmp.name,
+                        &member.meta,
+                        &mut self.owners,
+                        &what,
+                    )?;
+                    tmp.commit(name)
+                        .with_context(|| format!("renaming into {what}"))?;
                 }
                 MemberKind::Fifo => {
-                    nix::unistd::mkfifoat(dir.as_fd(), tmp.name.as_os_str(), Mode::from_bits_truncate(0o600))
-                        .with_context(|| format!("creating fifo {what}"))?;
+                    nix::unistd::mkfifoat(
+                        dir.as_fd(),
+                        tmp.name.as_os_str(),
+                        Mode::from_bits_truncate(0o600),
+                    )
+                    .with_context(|| format!("creating fifo {what}"))?;
                     let fd = open_nofollow(dir.as_fd(), &tmp.name)?;
                     apply_meta_fd(fd.as_fd(), &member.meta, &mut self.owners, &what)?;
-                    tmp.commit(name).with_context(|| format!("renaming into {what}"))?;
+                    tmp.commit(name)
+                        .with_context(|| format!("renaming into {what}"))?;
                 }
             }
             if last_report.elapsed() > Duration::from_millis(200) {
@@ -474,15 +597,24 @@ impl<'p> Receiver<'p> {
         }
         let trailer = trailer.ok_or_else(|| cut(&"no end-of-stream trailer"))?;
         for hex_path in &trailer.vanished {
-            let path = decode_hex(hex_path).ok_or_else(|| anyhow!("malformed path in the stream trailer"))?;
+            let path = decode_hex(hex_path)
+                .ok_or_else(|| anyhow!("malformed path in the stream trailer"))?;
             if expected.remove(path.as_slice()).is_some() {
-                self.stats.vanished.push(Skipped { path, reason: "vanished or changed type on the source during the sync".into() });
+                self.stats.vanished.push(Skipped {
+                    path,
+                    reason: "vanished or changed type on the source during the sync".into(),
+                });
             }
         }
         if !expected.is_empty() {
-            let mut missing: Vec<String> = expected.keys().take(5).map(|p| display_path(p)).collect();
+            let mut missing: Vec<String> =
+                expected.keys().take(5).map(|p| display_path(p)).collect();
             missing.sort();
-            bail!("the stream ended without {} expected entries (first: {}); run the sync again", expected.len(), missing.join(", "));
+            bail!(
+                "the stream ended without {} expected entries (first: {}); run the sync again",
+                expected.len(),
+                missing.join(", ")
+            );
         }
         Ok(())
     }
@@ -493,9 +625,16 @@ impl<'p> Receiver<'p> {
             let (fdir, fname) = self.tree.parent(&link.from)?;
             let (dir, name) = self.tree.parent(&link.to)?;
             let tmp = TempGuard::new(dir.as_fd());
-            linkat(fdir.as_fd(), fname, dir.as_fd(), tmp.name.as_os_str(), AtFlags::empty())
-                .with_context(|| format!("linking {what} to {}", self.tree.show(&link.from)))?;
-            tmp.commit(name).with_context(|| format!("renaming into {what}"))?;
+            linkat(
+                fdir.as_fd(),
+                fname,
+                dir.as_fd(),
+                tmp.name.as_os_str(),
+                AtFlags::empty(),
+            )
+            .with_context(|| format!("linking {what} to {}", self.tree.show(&link.from)))?;
+            tmp.commit(name)
+                .with_context(|| format!("renaming into {what}"))?;
             self.stats.hardlinks += 1;
         }
         Ok(())
@@ -506,9 +645,12 @@ impl<'p> Receiver<'p> {
             let what = self.tree.show(&update.path);
             let (dir, name) = self.tree.parent(&update.path)?;
             match update.kind {
-                Kind::Symlink => apply_meta_symlink(dir.as_fd(), name, &update.meta, &mut self.owners, &what)?,
+                Kind::Symlink => {
+                    apply_meta_symlink(dir.as_fd(), name, &update.meta, &mut self.owners, &what)?
+                }
                 _ => {
-                    let fd = open_nofollow(dir.as_fd(), name).with_context(|| format!("opening {what}"))?;
+                    let fd = open_nofollow(dir.as_fd(), name)
+                        .with_context(|| format!("opening {what}"))?;
                     apply_meta_fd(fd.as_fd(), &update.meta, &mut self.owners, &what)?;
                 }
             }
@@ -526,16 +668,24 @@ impl<'p> Receiver<'p> {
             let dirs: Vec<Vec<u8>> = self.touched_dirs.drain().collect();
             for d in dirs {
                 let fd = self.tree.dir(&d)?;
-                nix::unistd::fsync(fd.as_fd()).with_context(|| format!("syncing {}", self.tree.show(&d)))?;
+                nix::unistd::fsync(fd.as_fd())
+                    .with_context(|| format!("syncing {}", self.tree.show(&d)))?;
             }
         }
-        nix::unistd::syncfs(self.tree.root_fd()).with_context(|| format!("syncing the file system of {}", self.tree.root_path().display()))?;
+        nix::unistd::syncfs(self.tree.root_fd()).with_context(|| {
+            format!(
+                "syncing the file system of {}",
+                self.tree.root_path().display()
+            )
+        })?;
         Ok(())
     }
 
     fn remember_hashes(&mut self) {
         for (path, digest) in std::mem::take(&mut self.placed) {
-            let Ok((dir, name)) = self.tree.parent(&path) else { continue };
+            let Ok((dir, name)) = self.tree.parent(&path) else {
+                continue;
+            };
             if let Ok(st) = fstatat(dir.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
                 let stamp = Stamp {
                     ino: st.st_ino,
@@ -552,14 +702,184 @@ impl<'p> Receiver<'p> {
             self.cache.remove(rel);
         }
         if let Err(e) = self.cache.save() {
-            self.stats.warnings.push(format!("could not save the hash cache: {e:#}"));
+            self.stats
+                .warnings
+                .push(format!("could not save the hash cache: {e:#}"));
         }
     }
 }
 
 pub fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 || !s.is_ascii() {
+    if !s.len().is_multiple_of(2) || !s.is_ascii() {
         return None;
     }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok()).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync::plan::SendItem;
+    use crate::sync::stream::StreamWriter;
+
+    fn meta() -> Meta {
+        Meta {
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            user: None,
+            group: None,
+            mtime: 1_000,
+            mtime_nsec: 0,
+        }
+    }
+
+    fn plan_for(paths: &[&[u8]]) -> Plan {
+        Plan {
+            send: paths
+                .iter()
+                .map(|p| SendItem {
+                    path: p.to_vec(),
+                    kind: Kind::File,
+                    link_to: None,
+                    size: 0,
+                })
+                .collect(),
+            ..Plan::default()
+        }
+    }
+
+    /// A stream with the given members; `digest_of` overrides the true hash of a member.
+    fn stream(members: &[(&[u8], &[u8])], bad_digest_for: Option<&[u8]>, trailer: bool) -> Vec<u8> {
+        let enc = zstd::stream::write::Encoder::new(Vec::new(), 1).unwrap();
+        let mut w = StreamWriter::new(enc);
+        for (path, data) in members {
+            let mut digest: Digest = Sha256::digest(data).into();
+            if bad_digest_for == Some(*path) {
+                digest[0] ^= 1;
+            }
+            w.file(path, &meta(), data.len() as u64, &digest, *data)
+                .unwrap();
+        }
+        if trailer {
+            w.finish(Trailer::default()).unwrap().finish().unwrap()
+        } else {
+            // Cut off: no trailer, no end-of-archive, an unfinished zstd frame.
+            let mut enc = w.finish(Trailer::default()).unwrap();
+            enc.flush().unwrap();
+            let mut bytes = enc.finish().unwrap();
+            bytes.truncate(bytes.len() / 2);
+            bytes
+        }
+    }
+
+    fn receive(dest: &std::path::Path, plan: &Plan, bytes: &[u8]) -> Result<ReceiveStats> {
+        let tree = Tree::open(dest).unwrap();
+        Receiver::new(tree, plan, HashCache::disabled(), Durability::Syncfs).run(bytes, |_| {})
+    }
+
+    fn names(dir: &std::path::Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn writes_verified_files() {
+        let t = tempfile::tempdir().unwrap();
+        let plan = plan_for(&[b"a", b"b"]);
+        let stats = receive(
+            t.path(),
+            &plan,
+            &stream(&[(b"a", b"1"), (b"b", b"22")], None, true),
+        )
+        .unwrap();
+        assert!(stats.verified);
+        assert_eq!(stats.files_written, 2);
+        assert_eq!(std::fs::read(t.path().join("b")).unwrap(), b"22");
+    }
+
+    #[test]
+    fn refuses_paths_outside_dest_and_members_not_asked_for() {
+        let t = tempfile::tempdir().unwrap();
+        let dest = t.path().join("dest");
+        for (path, plan_path) in [
+            (&b"../escape"[..], &b"../escape"[..]),
+            (b"/tmp/abs", b"/tmp/abs"),
+            (b"other", b"a"),
+        ] {
+            let plan = plan_for(&[plan_path]);
+            let err = receive(&dest, &plan, &stream(&[(path, b"x")], None, true)).unwrap_err();
+            assert!(format!("{err:#}").contains("refus"), "{err:#}");
+        }
+        assert_eq!(names(t.path()), vec!["dest"]);
+        assert!(names(&dest).is_empty());
+    }
+
+    #[test]
+    fn a_hash_mismatch_leaves_the_old_file_and_no_temp() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::write(t.path().join("a"), b"old").unwrap();
+        let plan = plan_for(&[b"a"]);
+        let err = receive(
+            t.path(),
+            &plan,
+            &stream(&[(b"a", b"new")], Some(b"a"), true),
+        )
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("SHA-256"), "{err:#}");
+        assert_eq!(std::fs::read(t.path().join("a")).unwrap(), b"old");
+        assert_eq!(names(t.path()), vec!["a"]);
+    }
+
+    #[test]
+    fn a_cut_stream_is_an_error_and_leaves_no_partial_file() {
+        let t = tempfile::tempdir().unwrap();
+        let big = vec![42u8; 1 << 20];
+        let plan = plan_for(&[b"a", b"b"]);
+        let err = receive(
+            t.path(),
+            &plan,
+            &stream(&[(b"a", b"first"), (b"b", &big)], None, false),
+        )
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("broke off"), "{err:#}");
+        for name in names(t.path()) {
+            assert!(
+                !name.starts_with(".relaymove-tmp"),
+                "temp file left: {name}"
+            );
+            let data = std::fs::read(t.path().join(&name)).unwrap();
+            assert!(data == b"first" || data == big, "partial file {name}");
+        }
+    }
+
+    #[test]
+    fn never_writes_through_a_symlink_in_dest() {
+        let t = tempfile::tempdir().unwrap();
+        let (dest, outside) = (t.path().join("dest"), t.path().join("outside"));
+        std::fs::create_dir_all(&dest).unwrap();
+        std::fs::create_dir(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, dest.join("d")).unwrap();
+        let plan = plan_for(&[b"d/f"]);
+        let err = receive(&dest, &plan, &stream(&[(b"d/f", b"x")], None, true)).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("refusing to write through it"),
+            "{err:#}"
+        );
+        assert!(names(&outside).is_empty());
+    }
+
+    #[test]
+    fn decode_hex_round_trips() {
+        assert_eq!(decode_hex("00ff7f"), Some(vec![0, 255, 127]));
+        assert_eq!(decode_hex("0"), None);
+        assert_eq!(decode_hex("zz"), None);
+    }
 }

@@ -150,7 +150,8 @@ pub fn scan(root: &Path, opts: &ScanOptions, cache: &mut HashCache) -> Result<Ma
                 Ok(t) => Some(t.as_os_str().as_bytes().to_vec()),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => {
-                    return Err(e).with_context(|| format!("reading link {}", item.path().display()))
+                    return Err(e)
+                        .with_context(|| format!("reading link {}", item.path().display()))
                 }
             }
         } else {
@@ -160,7 +161,9 @@ pub fn scan(root: &Path, opts: &ScanOptions, cache: &mut HashCache) -> Result<Ma
             match hash_path(item.path(), &rel, &md, cache) {
                 Ok(h) => Some(h),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(e).with_context(|| format!("hashing {}", item.path().display())),
+                Err(e) => {
+                    return Err(e).with_context(|| format!("hashing {}", item.path().display()))
+                }
             }
         } else {
             None

@@ -29,10 +29,19 @@ pub struct SendOptions {
     pub threads: u32,
 }
 
-pub fn send(root: &Path, items: &[SendItem], out: impl Write, opts: SendOptions, cache: &mut HashCache) -> Result<()> {
-    let mut encoder = zstd::stream::write::Encoder::new(out, opts.level).context("starting zstd")?;
+pub fn send(
+    root: &Path,
+    items: &[SendItem],
+    out: impl Write,
+    opts: SendOptions,
+    cache: &mut HashCache,
+) -> Result<()> {
+    let mut encoder =
+        zstd::stream::write::Encoder::new(out, opts.level).context("starting zstd")?;
     if opts.threads > 1 {
-        encoder.multithread(opts.threads).context("starting zstd workers")?;
+        encoder
+            .multithread(opts.threads)
+            .context("starting zstd workers")?;
     }
     encoder.include_checksum(true)?;
     let mut stream = StreamWriter::new(encoder);
@@ -43,10 +52,19 @@ pub fn send(root: &Path, items: &[SendItem], out: impl Write, opts: SendOptions,
     let mut buf = Vec::new();
     for item in items {
         let full = root.join(OsStr::from_bytes(&item.path));
-        let sent = match send_one(&mut stream, &full, item, &mut names, cache, &mut sent_as, &mut buf) {
+        let sent = match send_one(
+            &mut stream,
+            &full,
+            item,
+            &mut names,
+            cache,
+            &mut sent_as,
+            &mut buf,
+        ) {
             Ok(sent) => sent,
             Err(e) => {
-                let gone = e.downcast_ref::<io::Error>().map(|e| e.kind()) == Some(io::ErrorKind::NotFound);
+                let gone = e.downcast_ref::<io::Error>().map(|e| e.kind())
+                    == Some(io::ErrorKind::NotFound);
                 if !gone {
                     return Err(e.context(format!("sending {}", full.display())));
                 }
@@ -57,7 +75,12 @@ pub fn send(root: &Path, items: &[SendItem], out: impl Write, opts: SendOptions,
             vanished.push(hex(&item.path));
         }
     }
-    let encoder = stream.finish(Trailer { members: 0, vanished }).context("finishing the stream")?;
+    let encoder = stream
+        .finish(Trailer {
+            members: 0,
+            vanished,
+        })
+        .context("finishing the stream")?;
     let mut out = encoder.finish().context("finishing zstd")?;
     out.flush()?;
     Ok(())
@@ -81,7 +104,11 @@ fn send_one<W: Write>(
                 return Ok(false);
             }
             let target = fs::read_link(full)?;
-            stream.symlink(&item.path, &meta_of(&md, names), target.as_os_str().as_bytes())?;
+            stream.symlink(
+                &item.path,
+                &meta_of(&md, names),
+                target.as_os_str().as_bytes(),
+            )?;
             return Ok(true);
         }
         Kind::Fifo => {
@@ -105,7 +132,11 @@ fn send_one<W: Write>(
         }
     }
     // O_NOFOLLOW: a file replaced by a symlink since the scan is not followed.
-    let mut file = match fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(full) {
+    let mut file = match fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(full)
+    {
         Ok(f) => f,
         Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Ok(false),
         Err(e) => return Err(e.into()),

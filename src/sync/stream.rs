@@ -112,7 +112,12 @@ impl<W: Write> StreamWriter<W> {
         StreamWriter { tar, members: 0 }
     }
 
-    fn header(path: &[u8], meta: &Meta, ty: EntryType, size: u64) -> (Header, Vec<(String, Vec<u8>)>) {
+    fn header(
+        path: &[u8],
+        meta: &Meta,
+        ty: EntryType,
+        size: u64,
+    ) -> (Header, Vec<(String, Vec<u8>)>) {
         let mut h = Header::new_ustar();
         h.set_entry_type(ty);
         h.set_mode(meta.mode);
@@ -126,7 +131,10 @@ impl<W: Write> StreamWriter<W> {
             pax.push(("path".into(), path.to_vec()));
         }
         h.set_mtime(meta.mtime.max(0) as u64);
-        pax.push(("mtime".into(), pax_time(meta.mtime, meta.mtime_nsec).into_bytes()));
+        pax.push((
+            "mtime".into(),
+            pax_time(meta.mtime, meta.mtime_nsec).into_bytes(),
+        ));
         // ustar numeric fields hold 7 octal digits; larger ids go in PAX records.
         h.set_uid(u64::from(meta.uid.min(0o7777777)));
         h.set_gid(u64::from(meta.gid.min(0o7777777)));
@@ -166,7 +174,10 @@ impl<W: Write> StreamWriter<W> {
                 pax.push(("linkpath".into(), link.to_vec()));
             }
         }
-        let records: Vec<(&str, &[u8])> = pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
+        let records: Vec<(&str, &[u8])> = pax
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_slice()))
+            .collect();
         self.tar.append_pax_extensions(records)?;
         h.set_cksum();
         self.tar.append(&h, data)?;
@@ -175,7 +186,14 @@ impl<W: Write> StreamWriter<W> {
     }
 
     /// Appends a regular file; `data` must yield exactly `size` bytes hashing to `digest`.
-    pub fn file(&mut self, path: &[u8], meta: &Meta, size: u64, digest: &Digest, data: impl Read) -> io::Result<()> {
+    pub fn file(
+        &mut self,
+        path: &[u8],
+        meta: &Meta,
+        size: u64,
+        digest: &Digest,
+        data: impl Read,
+    ) -> io::Result<()> {
         let (h, mut pax) = Self::header(path, meta, EntryType::Regular, size);
         pax.push((SHA256_KEY.into(), hex(digest).into_bytes()));
         self.append(h, pax, None, data)
@@ -214,7 +232,10 @@ impl<W: Write> StreamWriter<W> {
 
 /// Reads what a member header says. Returns `Ok(None)` for the trailer, whose content is
 /// stored in `trailer`.
-pub fn read_member<R: Read>(entry: &mut tar::Entry<'_, R>, trailer: &mut Option<Trailer>) -> Result<Option<Member>> {
+pub fn read_member<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    trailer: &mut Option<Trailer>,
+) -> Result<Option<Member>> {
     let ty = entry.header().entry_type();
     let mut digest = None;
     let mut mtime = None;
@@ -227,10 +248,14 @@ pub fn read_member<R: Read>(entry: &mut tar::Entry<'_, R>, trailer: &mut Option<
             match key {
                 SHA256_KEY => {
                     let text = std::str::from_utf8(value).unwrap_or_default();
-                    digest = Some(parse_hex_digest(text).ok_or_else(|| anyhow!("malformed {SHA256_KEY} record"))?);
+                    digest = Some(
+                        parse_hex_digest(text)
+                            .ok_or_else(|| anyhow!("malformed {SHA256_KEY} record"))?,
+                    );
                 }
                 TRAILER_KEY if ty == EntryType::XGlobalHeader => {
-                    *trailer = Some(serde_json::from_slice(value).context("malformed stream trailer")?);
+                    *trailer =
+                        Some(serde_json::from_slice(value).context("malformed stream trailer")?);
                 }
                 "mtime" => mtime = parse_pax_time(value),
                 "uname" => user = Some(String::from_utf8_lossy(value).into_owned()),
@@ -281,8 +306,17 @@ mod tests {
 
     #[test]
     fn pax_time_round_trips_including_negative_times() {
-        for (s, n) in [(0, 0), (1_700_000_000, 123_456_789), (-1, 500_000_000), (-5, 0)] {
-            assert_eq!(parse_pax_time(pax_time(s, n).as_bytes()), Some((s, n)), "{s}.{n}");
+        for (s, n) in [
+            (0, 0),
+            (1_700_000_000, 123_456_789),
+            (-1, 500_000_000),
+            (-5, 0),
+        ] {
+            assert_eq!(
+                parse_pax_time(pax_time(s, n).as_bytes()),
+                Some((s, n)),
+                "{s}.{n}"
+            );
         }
         assert_eq!(parse_pax_time(b"12.5"), Some((12, 500_000_000)));
         assert_eq!(parse_pax_time(b"x"), None);

@@ -36,9 +36,36 @@ impl Rng {
 }
 
 const WORDS: &[&str] = &[
-    "relay", "mail", "message", "the", "and", "of", "to", "chat", "secure", "group", "hello",
-    "meeting", "tomorrow", "please", "find", "attached", "thanks", "regards", "delta", "key",
-    "autocrypt", "server", "migration", "weekend", "photo", "we", "you", "it", "is", "a",
+    "relay",
+    "mail",
+    "message",
+    "the",
+    "and",
+    "of",
+    "to",
+    "chat",
+    "secure",
+    "group",
+    "hello",
+    "meeting",
+    "tomorrow",
+    "please",
+    "find",
+    "attached",
+    "thanks",
+    "regards",
+    "delta",
+    "key",
+    "autocrypt",
+    "server",
+    "migration",
+    "weekend",
+    "photo",
+    "we",
+    "you",
+    "it",
+    "is",
+    "a",
 ];
 
 fn message_size(rng: &mut Rng) -> u64 {
@@ -96,14 +123,26 @@ fn write(path: &Path, data: &[u8], mtime: i64) {
     f.write_all(data).unwrap();
     drop(f);
     let t = nix::sys::time::TimeSpec::new(mtime, (mtime % 1000) * 1_000_003 % 1_000_000_000);
-    nix::sys::stat::utimensat(nix::fcntl::AT_FDCWD, path, &t, &t, nix::sys::stat::UtimensatFlags::NoFollowSymlink).unwrap();
+    nix::sys::stat::utimensat(
+        nix::fcntl::AT_FDCWD,
+        path,
+        &t,
+        &t,
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+    .unwrap();
 }
 
 const NOW: i64 = 1_795_000_000;
 
 fn message_name(rng: &mut Rng, id: u64, size: u64, flags: Option<&str>) -> String {
     let t = NOW - rng.below(20 * 86400) as i64;
-    let base = format!("{t}.M{}P{}.mail,S={size},W={}", rng.below(999_999), id, size + size / 40);
+    let base = format!(
+        "{t}.M{}P{}.mail,S={size},W={}",
+        rng.below(999_999),
+        id,
+        size + size / 40
+    );
     match flags {
         Some(f) => format!("{base}:2,{f}"),
         None => base,
@@ -115,25 +154,59 @@ pub fn generate(root: &Path, seed: u64, messages: u64) -> Generated {
     let mut rng = Rng::new(seed);
     let domain = root.join("example.org");
     fs::create_dir_all(&domain).unwrap();
-    let mut g = Generated { accounts: Vec::new(), files: 0, bytes: 0 };
+    let mut g = Generated {
+        accounts: Vec::new(),
+        files: 0,
+        bytes: 0,
+    };
     let mut left = messages;
     let mut id = 0u64;
     let mut n = 0;
     while left > 0 {
         // Skewed mailbox sizes: many small, a few heavy users.
-        let count = (1 + rng.below(30) + if rng.chance(10.0) { rng.below(400) } else { 0 }).min(left);
+        let count =
+            (1 + rng.below(30) + if rng.chance(10.0) { rng.below(400) } else { 0 }).min(left);
         left -= count;
         let addr = domain.join(format!("u{n:05}{}@example.org", rng.below(1000)));
         n += 1;
-        for d in ["cur", "new", "tmp", ".DeltaChat/cur", ".DeltaChat/new", ".DeltaChat/tmp"] {
+        for d in [
+            "cur",
+            "new",
+            "tmp",
+            ".DeltaChat/cur",
+            ".DeltaChat/new",
+            ".DeltaChat/tmp",
+        ] {
             fs::create_dir_all(addr.join(d)).unwrap();
         }
         let last_login = NOW - rng.below(80 * 86400) as i64;
-        let hash = format!("{{SHA512-CRYPT}}$6${:016x}${:064x}\n", rng.next(), rng.next() as u128 * rng.next() as u128);
+        let hash = format!(
+            "{{SHA512-CRYPT}}$6${:016x}${:064x}\n",
+            rng.next(),
+            rng.next() as u128 * rng.next() as u128
+        );
         write(&addr.join("password"), hash.as_bytes(), last_login);
-        write(&addr.join("metadata.json"), format!("{{\"devicetoken\": {{\"{:x}\": {}}}}}", rng.next(), last_login).as_bytes(), last_login);
-        write(&addr.join("subscriptions"), b"V\t2\n\nDeltaChat\n", last_login);
-        let mut uidlist = format!("3 V{} N{} G{:032x}\n", NOW - 86400 * 100, count + 1, rng.next());
+        write(
+            &addr.join("metadata.json"),
+            format!(
+                "{{\"devicetoken\": {{\"{:x}\": {}}}}}",
+                rng.next(),
+                last_login
+            )
+            .as_bytes(),
+            last_login,
+        );
+        write(
+            &addr.join("subscriptions"),
+            b"V\t2\n\nDeltaChat\n",
+            last_login,
+        );
+        let mut uidlist = format!(
+            "3 V{} N{} G{:032x}\n",
+            NOW - 86400 * 100,
+            count + 1,
+            rng.next()
+        );
         let mut quota = 0u64;
         for uid in 1..=count {
             let size = message_size(&mut rng);
@@ -147,7 +220,10 @@ pub fn generate(root: &Path, seed: u64, messages: u64) -> Generated {
             };
             let path = addr.join(if in_new { "new" } else { "cur" }).join(&name);
             write(&path, &body, NOW - rng.below(20 * 86400) as i64);
-            uidlist.push_str(&format!("{uid} :{}\n", name.split(":2,").next().unwrap_or(&name)));
+            uidlist.push_str(&format!(
+                "{uid} :{}\n",
+                name.split(":2,").next().unwrap_or(&name)
+            ));
             g.files += 1;
             g.bytes += body.len() as u64;
             quota += body.len() as u64;
@@ -157,8 +233,16 @@ pub fn generate(root: &Path, seed: u64, messages: u64) -> Generated {
             id += 1;
         }
         write(&addr.join("dovecot-uidlist"), uidlist.as_bytes(), NOW);
-        write(&addr.join("maildirsize"), format!("0S\n{quota} {count}\n").as_bytes(), NOW);
-        for (f, size) in [("dovecot.index", 1024), ("dovecot.index.log", 4096 + count * 64), ("dovecot.index.cache", count * 200)] {
+        write(
+            &addr.join("maildirsize"),
+            format!("0S\n{quota} {count}\n").as_bytes(),
+            NOW,
+        );
+        for (f, size) in [
+            ("dovecot.index", 1024),
+            ("dovecot.index.log", 4096 + count * 64),
+            ("dovecot.index.cache", count * 200),
+        ] {
             let data: Vec<u8> = (0..size).map(|_| rng.below(256) as u8).collect();
             write(&addr.join(f), &data, NOW);
             g.bytes += size;
@@ -188,7 +272,10 @@ pub fn mutate(root: &Path, seed: u64, new_pct: f64, rename_pct: f64, delete_pct:
         .filter_map(|e| e.ok())
         .filter(|e| {
             e.file_type().is_file()
-                && e.path().parent().and_then(|p| p.file_name()).is_some_and(|n| n == "cur" || n == "new")
+                && e.path()
+                    .parent()
+                    .and_then(|p| p.file_name())
+                    .is_some_and(|n| n == "cur" || n == "new")
         })
         .map(|e| e.into_path())
         .collect();
@@ -215,7 +302,10 @@ pub fn mutate(root: &Path, seed: u64, new_pct: f64, rename_pct: f64, delete_pct:
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         let dir = path.parent().unwrap();
         let target = if dir.ends_with("new") {
-            dir.parent().unwrap().join("cur").join(format!("{name}:2,S"))
+            dir.parent()
+                .unwrap()
+                .join("cur")
+                .join(format!("{name}:2,S"))
         } else {
             dir.join(format!("{name}T"))
         };

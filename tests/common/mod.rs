@@ -26,7 +26,11 @@ pub fn relaymove(args: &[&OsStr], cache: &Path) -> Output {
 }
 
 pub fn sync_json(src: &Path, dest: &Path, extra: &[&str], cache: &Path) -> serde_json::Value {
-    let mut args: Vec<&OsStr> = vec![OsStr::new("sync"), OsStr::new("--json"), OsStr::new("--no-progress")];
+    let mut args: Vec<&OsStr> = vec![
+        OsStr::new("sync"),
+        OsStr::new("--json"),
+        OsStr::new("--no-progress"),
+    ];
     args.extend(extra.iter().map(OsStr::new));
     args.push(src.as_os_str());
     args.push(dest.as_os_str());
@@ -59,7 +63,13 @@ pub fn snapshot(root: &Path) -> BTreeMap<Vec<u8>, Seen> {
     let mut first_name: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
     for e in walkdir::WalkDir::new(root).sort_by_file_name() {
         let e = e.expect("walking");
-        let rel = e.path().strip_prefix(root).unwrap().as_os_str().as_bytes().to_vec();
+        let rel = e
+            .path()
+            .strip_prefix(root)
+            .unwrap()
+            .as_os_str()
+            .as_bytes()
+            .to_vec();
         let md = e.path().symlink_metadata().unwrap();
         let ft = md.file_type();
         let kind = if ft.is_file() {
@@ -77,11 +87,18 @@ pub fn snapshot(root: &Path) -> BTreeMap<Vec<u8>, Seen> {
         };
         let sha256 = ft.is_file().then(|| {
             let bytes = std::fs::read(e.path()).unwrap();
-            Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect::<String>()
+            Sha256::digest(&bytes)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
         });
-        let target = ft
-            .is_symlink()
-            .then(|| std::fs::read_link(e.path()).unwrap().as_os_str().as_bytes().to_vec());
+        let target = ft.is_symlink().then(|| {
+            std::fs::read_link(e.path())
+                .unwrap()
+                .as_os_str()
+                .as_bytes()
+                .to_vec()
+        });
         let link_group = (ft.is_file() && md.nlink() > 1).then(|| {
             first_name
                 .entry((md.dev(), md.ino()))
@@ -93,7 +110,11 @@ pub fn snapshot(root: &Path) -> BTreeMap<Vec<u8>, Seen> {
             Seen {
                 kind,
                 sha256,
-                mode: if ft.is_symlink() { 0 } else { md.mode() & 0o7777 },
+                mode: if ft.is_symlink() {
+                    0
+                } else {
+                    md.mode() & 0o7777
+                },
                 uid: md.uid(),
                 gid: md.gid(),
                 mtime_ns: md.mtime() as i128 * 1_000_000_000 + md.mtime_nsec() as i128,
@@ -114,11 +135,20 @@ pub fn assert_mirror(src: &Path, dest: &Path) {
     for (path, seen) in &a {
         match b.get(path) {
             None => panic!("{} missing from DEST", show(path)),
-            Some(other) => assert_eq!(seen, other, "entry {} differs (left SRC, right DEST)", show(path)),
+            Some(other) => assert_eq!(
+                seen,
+                other,
+                "entry {} differs (left SRC, right DEST)",
+                show(path)
+            ),
         }
     }
     for path in b.keys() {
-        assert!(a.contains_key(path), "{} in DEST but not in SRC", show(path));
+        assert!(
+            a.contains_key(path),
+            "{} in DEST but not in SRC",
+            show(path)
+        );
     }
 }
 
@@ -131,7 +161,14 @@ pub fn set_mtime(path: &Path, sec: i64, nsec: i64) {
     use nix::sys::stat::{utimensat, UtimensatFlags};
     use nix::sys::time::TimeSpec;
     let t = TimeSpec::new(sec, nsec);
-    utimensat(nix::fcntl::AT_FDCWD, path, &t, &t, UtimensatFlags::NoFollowSymlink).unwrap();
+    utimensat(
+        nix::fcntl::AT_FDCWD,
+        path,
+        &t,
+        &t,
+        UtimensatFlags::NoFollowSymlink,
+    )
+    .unwrap();
 }
 
 pub fn lchown(path: &Path, uid: u32, gid: u32) {
