@@ -1,0 +1,301 @@
+//! `relaymove sync` over SSH against a real sshd the test starts on loopback with throwaway
+//! keys: local→remote, remote→local, remote→remote, a wrong host key, and a connection killed
+//! mid-stream followed by a successful re-run.
+//!
+//! Needs root and OpenSSH's sshd. Without them the tests say why and pass, unless
+//! `RELAYMOVE_REQUIRE_SSH=1` (set by `tests/run-all`), which turns the skip into a failure.
+
+mod common;
+
+use common::{assert_mirror, bin, snapshot};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+struct Sshd {
+    dir: tempfile::TempDir,
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("running a helper command");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Starts sshd on a free loopback port, or explains why it cannot.
+fn sshd() -> Option<Sshd> {
+    let required = std::env::var("RELAYMOVE_REQUIRE_SSH").as_deref() == Ok("1");
+    let why = if !nix::unistd::geteuid().is_root() {
+        Some("not running as root")
+    } else if !Path::new("/usr/sbin/sshd").exists() {
+        Some("/usr/sbin/sshd is not installed (apt-get install openssh-server)")
+    } else {
+        None
+    };
+    if let Some(why) = why {
+        assert!(!required, "SSH tests required but {why}");
+        eprintln!("skipping SSH test: {why}");
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    run(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(d.join("host_key")));
+    run(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(d.join("client_key")));
+    fs::copy(d.join("client_key.pub"), d.join("authorized_keys")).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    fs::write(
+        d.join("sshd_config"),
+        format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\n\
+             PidFile {d}/sshd.pid\nPermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\n\
+             MaxSessions 30\nAllowAgentForwarding no\nLogLevel ERROR\n",
+            d = d.display()
+        ),
+    )
+    .unwrap();
+    let host_pub = fs::read_to_string(d.join("host_key.pub")).unwrap();
+    fs::write(
+        d.join("known_hosts"),
+        format!("[127.0.0.1]:{port} {host_pub}"),
+    )
+    .unwrap();
+    write_client_config(d, port, &d.join("known_hosts"));
+    fs::create_dir_all("/run/sshd").unwrap();
+    let child = Command::new("/usr/sbin/sshd")
+        .args(["-D", "-e", "-f"])
+        .arg(d.join("sshd_config"))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting sshd");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "sshd did not start listening on port {port}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Some(Sshd { dir, child, port })
+}
+
+fn write_client_config(d: &Path, port: u16, known_hosts: &Path) {
+    fs::write(
+        d.join("ssh_config"),
+        format!(
+            "Host rmtest\n  HostName 127.0.0.1\n  Port {port}\n  User root\n  IdentityFile {d}/client_key\n  \
+             IdentitiesOnly yes\n  UserKnownHostsFile {kh}\n  GlobalKnownHostsFile /dev/null\n  BatchMode yes\n",
+            d = d.display(),
+            kh = known_hosts.display()
+        ),
+    )
+    .unwrap();
+}
+
+impl Sshd {
+    fn sync(&self, src: &str, dest: &str, cache: &Path) -> Command {
+        let mut cmd = Command::new(bin());
+        cmd.args(["sync", "--json", "--no-progress", src, dest])
+            .arg("--ssh-config")
+            .arg(self.dir.path().join("ssh_config"))
+            .env("RELAYMOVE_CACHE_DIR", cache);
+        cmd
+    }
+}
+
+fn ok(out: Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "sync failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn remote(path: &Path) -> String {
+    format!("rmtest:{}", path.display())
+}
+
+#[test]
+fn syncs_in_all_three_directions() {
+    let Some(sshd) = sshd() else { return };
+    let t = tempfile::tempdir().unwrap();
+    let (src, cache) = (t.path().join("src"), t.path().join("cache"));
+    common::maildir::generate(&src, 3, 300);
+    fs::create_dir_all(src.join("weird name\n-x")).unwrap();
+    fs::write(
+        src.join("weird name\n-x/'quote\"$(x)"),
+        b"shell metacharacters in names",
+    )
+    .unwrap();
+
+    let a = t.path().join("a");
+    let r = ok(sshd
+        .sync(src.to_str().unwrap(), &remote(&a), &cache)
+        .output()
+        .unwrap());
+    assert_eq!(r["verified"], true);
+    assert_mirror(&src, &a);
+
+    let b = t.path().join("b");
+    ok(sshd
+        .sync(&remote(&a), b.to_str().unwrap(), &cache)
+        .output()
+        .unwrap());
+    assert_mirror(&src, &b);
+
+    let c = t.path().join("c");
+    ok(sshd
+        .sync(&remote(&b), &remote(&c), &cache)
+        .output()
+        .unwrap());
+    assert_mirror(&src, &c);
+
+    // The agent was uploaded once, root-only, and is reused.
+    let bin_dir = Path::new("/var/lib/relaymove/bin");
+    let mode = fs::metadata(bin_dir.parent().unwrap()).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o077,
+        0
+    );
+    let r = ok(sshd
+        .sync(&remote(&b), &remote(&c), &cache)
+        .output()
+        .unwrap());
+    assert_eq!(r["files_sent"], 0);
+}
+
+#[test]
+fn a_changed_host_key_is_refused() {
+    let Some(sshd) = sshd() else { return };
+    let t = tempfile::tempdir().unwrap();
+    let d = sshd.dir.path();
+    run(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(t.path().join("other")));
+    let other = fs::read_to_string(t.path().join("other.pub")).unwrap();
+    let wrong = t.path().join("known_hosts");
+    fs::write(&wrong, format!("[127.0.0.1]:{} {other}", sshd.port)).unwrap();
+    write_client_config(d, sshd.port, &wrong);
+    let src = t.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("f"), b"x").unwrap();
+    let dest = t.path().join("dest");
+    let out = sshd
+        .sync(
+            src.to_str().unwrap(),
+            &remote(&dest),
+            &t.path().join("cache"),
+        )
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        msg.contains("cannot connect to rmtest") && msg.contains("host key"),
+        "{msg}"
+    );
+    assert!(!dest.exists());
+}
+
+#[test]
+fn a_connection_killed_mid_stream_leaves_dest_consistent_and_a_rerun_finishes() {
+    let Some(sshd) = sshd() else { return };
+    let t = tempfile::tempdir().unwrap();
+    let (src, dest, cache) = (
+        t.path().join("src"),
+        t.path().join("dest"),
+        t.path().join("cache"),
+    );
+    common::maildir::generate(&src, 11, 6000);
+    let mut child = sshd
+        .sync(src.to_str().unwrap(), &remote(&dest), &cache)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until files are landing, then kill every sshd session process: the TCP
+    // connection dies with the stream half sent.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let landed = walkdir::WalkDir::new(&dest)
+            .into_iter()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().is_file())
+            .count();
+        if landed > 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "nothing landed in DEST");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the sync finished before it could be interrupted"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    run(Command::new("pkill").args(["-KILL", "-P", &sshd.child.id().to_string()]));
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Every file under its real name is complete: identical to SRC.
+    let before = snapshot(&src);
+    let after = snapshot(&dest);
+    let mut complete = 0;
+    for (path, seen) in &after {
+        if seen.kind != "file" {
+            continue;
+        }
+        let name = String::from_utf8_lossy(path);
+        if name
+            .rsplit('/')
+            .next()
+            .unwrap_or("")
+            .starts_with(".relaymove-tmp.")
+        {
+            continue; // a temporary name; the next run removes it
+        }
+        let original = before
+            .get(path)
+            .unwrap_or_else(|| panic!("{name} is not in SRC"));
+        assert_eq!(original.sha256, seen.sha256, "{name} is partial");
+        complete += 1;
+    }
+    assert!(
+        complete < before.values().filter(|s| s.kind == "file").count(),
+        "the kill came too late"
+    );
+
+    let r = ok(sshd
+        .sync(src.to_str().unwrap(), &remote(&dest), &cache)
+        .output()
+        .unwrap());
+    assert_eq!(r["verified"], true);
+    assert_mirror(&src, &dest);
+    let _: PathBuf = dest;
+}
