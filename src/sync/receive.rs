@@ -226,9 +226,16 @@ impl<'a> TempGuard<'a> {
         }
     }
 
-    /// Renames the temp into `final_name`. When both are links to one inode, rename(2) does
-    /// nothing, so the temp name is removed explicitly.
+    /// Renames the temp into `final_name`.
     fn commit(mut self, final_name: &OsStr) -> Result<()> {
+        nix::fcntl::renameat(self.dir, self.name.as_os_str(), self.dir, final_name)?;
+        self.armed = false;
+        Ok(())
+    }
+
+    /// Like `commit`, for a new hard link: when the temp and `final_name` are already links
+    /// to one inode, rename(2) does nothing, so the temp name is removed explicitly.
+    fn commit_link(mut self, final_name: &OsStr) -> Result<()> {
         nix::fcntl::renameat(self.dir, self.name.as_os_str(), self.dir, final_name)?;
         let _ = nix::unistd::unlinkat(
             self.dir,
@@ -552,7 +559,7 @@ impl<'p> Receiver<'p> {
                         AtFlags::empty(),
                     )
                     .with_context(|| format!("linking {what} to {}", self.tree.show(target)))?;
-                    tmp.commit(name)
+                    tmp.commit_link(name)
                         .with_context(|| format!("renaming into {what}"))?;
                     self.stats.hardlinks += 1;
                 }
@@ -633,7 +640,7 @@ impl<'p> Receiver<'p> {
                 AtFlags::empty(),
             )
             .with_context(|| format!("linking {what} to {}", self.tree.show(&link.from)))?;
-            tmp.commit(name)
+            tmp.commit_link(name)
                 .with_context(|| format!("renaming into {what}"))?;
             self.stats.hardlinks += 1;
         }
