@@ -32,6 +32,10 @@ fn build_everything(src: &Path) {
     chmod(src, b"setuid", 0o4755);
     write(src, b"setgid", b"x");
     chmod(src, b"setgid", 0o2750);
+    write(src, b"group-writable", b"umask must not mask this");
+    chmod(src, b"group-writable", 0o666);
+    write(src, b"no-permissions", b"still copied");
+    chmod(src, b"no-permissions", 0o000);
     write(src, b"secret", b"dkim private key");
     chmod(src, b"secret", 0o600);
     // Names are bytes.

@@ -48,8 +48,8 @@ pub enum AgentAction {
 }
 
 pub fn run(cmd: AgentCmd) -> Result<i32> {
-    let stdin = io::stdin();
-    let mut input = stdin.lock();
+    // Not locked for the whole run: the receiver reads stdin from its decompression thread.
+    let mut input = io::stdin();
     let stdout = io::stdout();
     match cmd.action {
         AgentAction::Scan {
@@ -113,7 +113,7 @@ pub fn run(cmd: AgentCmd) -> Result<i32> {
             let cache = HashCache::open(&root);
             let receiver = Receiver::new(tree, &plan, cache, Durability::from_env());
             let mut out = stdout.lock();
-            let result = receiver.run(&mut input, |p| {
+            let result = receiver.run(input, |p| {
                 let _ = emit(&mut out, &AgentMessage::Progress(p));
             });
             match result {

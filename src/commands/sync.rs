@@ -173,6 +173,7 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
         a.push(root.as_os_str().to_owned());
         a
     };
+    let connected = start.elapsed();
     let (s, d) = tokio::join!(
         scan_on(&src, with_root(&src_root)),
         scan_on(&dest, with_root(&dest_root))
@@ -187,6 +188,7 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
         );
     }
 
+    let scanned = start.elapsed();
     let opts = PlanOptions {
         delete: !cmd.no_delete,
         checksum: cmd.checksum,
@@ -208,6 +210,7 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
     if listing && !cmd.json {
         print_plan(&plan)?;
     }
+    let planned = start.elapsed();
     let stats = if cmd.dry_run || plan.is_empty() {
         ReceiveStats::default()
     } else {
@@ -240,6 +243,17 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
         progress.finish();
         result.with_context(|| format!("sync {} → {} failed", cmd.src, cmd.dest))?
     };
+    let transferred = start.elapsed();
+    if cmd.verbose {
+        eprintln!(
+            "relaymove: time: connect {:.2}s, scan {:.2}s, plan {:.2}s (with hashing), transfer {:.2}s (of which the final sync of DEST {:.2}s)",
+            connected.as_secs_f64(),
+            (scanned - connected).as_secs_f64(),
+            (planned - scanned).as_secs_f64(),
+            (transferred - planned).as_secs_f64(),
+            stats.sync_s,
+        );
+    }
     src.close().await;
     dest.close().await;
 
