@@ -97,6 +97,12 @@ fn mirrors_every_kind_of_entry_then_follows_changes() {
     let r = sync_json(&src, &dest, &[], &cache);
     assert_mirror(&src, &dest);
     assert_eq!(r["verified"], true);
+    let cache_mode = fs::metadata(&cache).unwrap().permissions().mode();
+    assert_eq!(
+        cache_mode & 0o077,
+        0,
+        "hash cache directory is open to others: {cache_mode:o}"
+    );
     assert_eq!(r["skipped"][0]["path"], "sock");
     assert!(r["skipped"][0]["reason"]
         .as_str()

@@ -97,6 +97,8 @@ umask 077
 cat > "$1.part"
 chmod 700 "$1.part"
 mv "$1.part" "$1"
+# Older versions are not needed any more.
+for old in "${1%/*}"/relaymove-*; do [ "$old" = "$1" ] || rm -f "$old"; done
 "#;
 
 impl Host {
@@ -132,7 +134,7 @@ impl Host {
         if let Some(p) = remote.port {
             builder.port(p);
         }
-        let session = builder.connect(&remote.host).await.map_err(|e| {
+        let session = builder.connect_mux(&remote.host).await.map_err(|e| {
             anyhow!(
                 "cannot connect to {label} over SSH: {e}\nhint: check that `ssh {label}` works without a prompt \
                  (key in ssh-agent or IdentityFile, host key in known_hosts: relaymove checks host keys strictly)"

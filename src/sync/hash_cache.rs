@@ -119,7 +119,15 @@ impl HashCache {
             return Ok(());
         }
         let dir = file.parent().context("cache path has no parent")?;
-        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        // Explicit modes: the receiver runs with a zero umask.
+        std::os::unix::fs::DirBuilderExt::mode(fs::DirBuilder::new().recursive(true), 0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+        let md = fs::metadata(dir)?;
+        if md.mode() & 0o077 != 0 {
+            fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                .with_context(|| format!("restricting {}", dir.display()))?;
+        }
         let cache = CacheFile {
             entries: self
                 .map

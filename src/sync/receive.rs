@@ -423,12 +423,22 @@ impl<'p> Receiver<'p> {
     /// Carries out the plan, reading members from `input` (the zstd-compressed tar stream).
     /// `progress` is called now and then from this thread.
     pub fn run(
-        mut self,
+        self,
         input: impl Read + Send,
         mut progress: impl FnMut(ReceiveProgress),
     ) -> Result<ReceiveStats> {
         // New files are created with their final permission bits, so no umask may mask them.
-        nix::sys::stat::umask(Mode::empty());
+        let umask = nix::sys::stat::umask(Mode::empty());
+        let result = self.apply(input, &mut progress);
+        nix::sys::stat::umask(umask);
+        result
+    }
+
+    fn apply(
+        mut self,
+        input: impl Read + Send,
+        progress: &mut impl FnMut(ReceiveProgress),
+    ) -> Result<ReceiveStats> {
         let staged = self.stage_reuse()?;
         for rel in &self.plan.delete {
             self.tree.remove(rel)?;
@@ -443,7 +453,7 @@ impl<'p> Receiver<'p> {
         }
         self.place_reuse(staged)?;
         let wire = Arc::new(AtomicU64::new(0));
-        let result = self.receive_stream(input, wire.clone(), &mut progress);
+        let result = self.receive_stream(input, wire.clone(), progress);
         self.stats.wire_bytes = wire.load(Ordering::Relaxed);
         // Whatever happened to the stream, make what was placed durable before reporting.
         let synced = self.sync();
