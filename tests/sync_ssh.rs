@@ -255,7 +255,17 @@ fn a_connection_killed_mid_stream_leaves_dest_consistent_and_a_rerun_finishes() 
         std::thread::sleep(Duration::from_millis(5));
     }
     run(Command::new("pkill").args(["-KILL", "-P", &sshd.child.id().to_string()]));
+    let waited = Instant::now();
     let out = child.wait_with_output().unwrap();
+    eprintln!(
+        "interrupted sync said: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        waited.elapsed() < Duration::from_secs(20),
+        "the interrupted sync took {:?} to give up",
+        waited.elapsed()
+    );
     assert_eq!(
         out.status.code(),
         Some(1),
@@ -291,10 +301,12 @@ fn a_connection_killed_mid_stream_leaves_dest_consistent_and_a_rerun_finishes() 
         "the kill came too late"
     );
 
+    let rerun = Instant::now();
     let r = ok(sshd
         .sync(src.to_str().unwrap(), &remote(&dest), &cache)
         .output()
         .unwrap());
+    eprintln!("re-run took {:?}", rerun.elapsed());
     assert_eq!(r["verified"], true);
     assert_mirror(&src, &dest);
     let _: PathBuf = dest;

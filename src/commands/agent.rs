@@ -1,11 +1,14 @@
-//! `relaymove agent …`: the side of a sync that runs on each host, started by the controller
-//! (locally as a child process, remotely over SSH). Speaks the protocol in
-//! `remote/protocol.rs` on stdin and stdout; errors go to stderr and the exit status.
+//! `relaymove agent serve`: the side of a sync that runs on each host, started by the
+//! controller (locally as a child process, remotely over SSH). It answers the requests of
+//! `remote/protocol.rs` on stdin and stdout until stdin closes. Only this process touches the
+//! host's file system; the controller never does.
 
-use crate::remote::protocol::{read_frame, write_frame, AgentMessage};
-use crate::sync::beneath::Tree;
+use crate::remote::protocol::{
+    read_frame_opt, write_frame, ChunkReader, ChunkWriter, Hashes, ReceiveEvent, Reply, Request,
+};
+use crate::sync::beneath::{validate, Tree};
 use crate::sync::hash_cache::HashCache;
-use crate::sync::manifest::Digest;
+use crate::sync::manifest::Manifest;
 use crate::sync::plan::{Plan, SendItem};
 use crate::sync::receive::{Durability, Receiver};
 use crate::sync::scan::{hash_path, scan, ScanOptions};
@@ -16,7 +19,7 @@ use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::io::{self, BufWriter, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::path::PathBuf;
+use std::path::Path;
 
 /// Internal: the per-host half of a sync (started by the controller, not by people).
 #[derive(Args, Debug)]
@@ -27,115 +30,111 @@ pub struct AgentCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum AgentAction {
-    /// Write the manifest of ROOT.
-    Scan {
-        root: PathBuf,
-        #[arg(long)]
-        checksum: bool,
-        #[arg(long)]
-        exclude: Vec<String>,
-    },
-    /// Hash the files named on stdin.
-    Hash { root: PathBuf },
-    /// Stream the entries named on stdin.
-    Send {
-        root: PathBuf,
-        #[arg(long, default_value_t = 1, allow_hyphen_values = true)]
-        level: i32,
-    },
-    /// Apply the plan on stdin, then the stream that follows it.
-    Receive { root: PathBuf },
+    /// Answer protocol requests on stdin until it closes.
+    Serve,
 }
 
 pub fn run(cmd: AgentCmd) -> Result<i32> {
-    // Not locked for the whole run: the receiver reads stdin from its decompression thread.
+    let AgentAction::Serve = cmd.action;
+    // stdin is not locked for the whole run: the receiver reads it from its decompression
+    // thread.
     let mut input = io::stdin();
     let stdout = io::stdout();
-    match cmd.action {
-        AgentAction::Scan {
-            root,
-            checksum,
-            exclude,
-        } => {
-            let mut cache = HashCache::open(&root);
-            let manifest = scan(
-                &root,
-                &ScanOptions {
-                    checksum,
-                    excludes: exclude,
-                },
-                &mut cache,
-            )
-            .with_context(|| format!("scanning {}", root.display()))?;
-            let present: HashSet<&[u8]> =
-                manifest.entries.iter().map(|e| e.path.as_slice()).collect();
-            cache.retain(|p| present.contains(p));
-            let _ = cache.save();
-            write_frame(&mut stdout.lock(), &manifest)?;
-        }
-        AgentAction::Hash { root } => {
-            let paths: Vec<Vec<u8>> = read_frame(&mut input)?;
-            let mut cache = HashCache::open(&root);
-            let mut out: Vec<(Vec<u8>, Option<Digest>)> = Vec::with_capacity(paths.len());
-            for rel in paths {
-                crate::sync::beneath::validate(&rel)?;
-                let full = root.join(OsStr::from_bytes(&rel));
-                // A file gone or changed type since the scan simply has no hash.
-                let digest = match std::fs::symlink_metadata(&full) {
-                    Ok(md) if md.is_file() => hash_path(&full, &rel, &md, &mut cache).ok(),
-                    _ => None,
-                };
-                out.push((rel, digest));
+    while let Some(request) = read_frame_opt::<Request>(&mut input)? {
+        let mut out = stdout.lock();
+        match request {
+            Request::Scan {
+                root,
+                checksum,
+                excludes,
+            } => {
+                let reply = do_scan(path(&root), ScanOptions { checksum, excludes });
+                write_frame(&mut out, &text(reply))?;
             }
-            let _ = cache.save();
-            write_frame(&mut stdout.lock(), &out)?;
-        }
-        AgentAction::Send { root, level } => {
-            let items: Vec<SendItem> = read_frame(&mut input)?;
-            let mut cache = HashCache::open(&root);
-            let threads = std::thread::available_parallelism()
-                .map(|n| n.get() as u32)
-                .unwrap_or(1)
-                .min(4);
-            let out = BufWriter::with_capacity(1 << 20, stdout.lock());
-            send(
-                &root,
-                &items,
-                out,
-                SendOptions { level, threads },
-                &mut cache,
-            )?;
-            let _ = cache.save();
-        }
-        AgentAction::Receive { root } => {
-            let plan: Plan = read_frame(&mut input)?;
-            let tree = Tree::open(&root)?;
-            let cache = HashCache::open(&root);
-            let receiver = Receiver::new(tree, &plan, cache, Durability::from_env());
-            let mut out = stdout.lock();
-            let result = receiver.run(input, |p| {
-                let _ = emit(&mut out, &AgentMessage::Progress(p));
-            });
-            match result {
-                Ok(stats) => emit(&mut out, &AgentMessage::Done(stats))?,
-                Err(e) => {
-                    emit(
-                        &mut out,
-                        &AgentMessage::Error {
-                            message: format!("{e:#}"),
-                        },
-                    )?;
-                    return Ok(1);
-                }
+            Request::Hash { root, paths } => {
+                write_frame(&mut out, &text(do_hash(path(&root), paths)))?;
+            }
+            Request::Send { root, items, level } => {
+                let mut chunks = ChunkWriter::new(BufWriter::with_capacity(1 << 20, &mut out));
+                let sent = do_send(path(&root), &items, level, &mut chunks);
+                // The end marker goes out even after a failure, so the stream stays in step.
+                chunks.finish()?;
+                write_frame(&mut out, &text(sent))?;
+            }
+            Request::Receive { root, plan } => {
+                drop(out);
+                let mut chunks = ChunkReader::new(io::stdin());
+                let received = do_receive(path(&root), &plan, &mut chunks, &stdout);
+                let event = match received {
+                    Ok(stats) => ReceiveEvent::Done(stats),
+                    Err(e) => ReceiveEvent::Failed(format!("{e:#}")),
+                };
+                // Skip what the receiver did not read, up to the end marker, before answering.
+                let drained = chunks.drain();
+                write_frame(&mut stdout.lock(), &event)?;
+                drained.context("reading the end of the stream")?;
             }
         }
     }
     Ok(0)
 }
 
-fn emit(out: &mut impl Write, msg: &AgentMessage) -> Result<()> {
-    serde_json::to_writer(&mut *out, msg)?;
-    out.write_all(b"\n")?;
-    out.flush()?;
+fn path(bytes: &[u8]) -> &Path {
+    Path::new(OsStr::from_bytes(bytes))
+}
+
+fn text<T>(r: Result<T>) -> Reply<T> {
+    r.map_err(|e| format!("{e:#}"))
+}
+
+fn do_scan(root: &Path, opts: ScanOptions) -> Result<Manifest> {
+    let mut cache = HashCache::open(root);
+    let manifest =
+        scan(root, &opts, &mut cache).with_context(|| format!("scanning {}", root.display()))?;
+    let present: HashSet<&[u8]> = manifest.entries.iter().map(|e| e.path.as_slice()).collect();
+    cache.retain(|p| present.contains(p));
+    let _ = cache.save();
+    Ok(manifest)
+}
+
+fn do_hash(root: &Path, paths: Vec<Vec<u8>>) -> Result<Hashes> {
+    let mut cache = HashCache::open(root);
+    let mut out: Hashes = Vec::with_capacity(paths.len());
+    for rel in paths {
+        validate(&rel)?;
+        let full = root.join(OsStr::from_bytes(&rel));
+        // A file gone or changed type since the scan simply has no hash.
+        let digest = match std::fs::symlink_metadata(&full) {
+            Ok(md) if md.is_file() => hash_path(&full, &rel, &md, &mut cache).ok(),
+            _ => None,
+        };
+        out.push((rel, digest));
+    }
+    let _ = cache.save();
+    Ok(out)
+}
+
+fn do_send(root: &Path, items: &[SendItem], level: i32, out: impl Write) -> Result<()> {
+    let mut cache = HashCache::open(root);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1)
+        .min(4);
+    send(root, items, out, SendOptions { level, threads }, &mut cache)?;
+    let _ = cache.save();
     Ok(())
+}
+
+fn do_receive(
+    root: &Path,
+    plan: &Plan,
+    input: &mut ChunkReader<io::Stdin>,
+    stdout: &io::Stdout,
+) -> Result<crate::sync::receive::ReceiveStats> {
+    let tree = Tree::open(root)?;
+    let cache = HashCache::open(root);
+    let receiver = Receiver::new(tree, plan, cache, Durability::from_env());
+    receiver.run(input, |p| {
+        let _ = write_frame(&mut stdout.lock(), &ReceiveEvent::Progress(p));
+    })
 }

@@ -5,9 +5,11 @@
 //! stream through this process (so remote→remote works without host-to-host SSH or agent
 //! forwarding).
 
-use crate::remote::agent::{Host, SshOptions};
+use crate::remote::agent::{Agent, Host, SshOptions};
 use crate::remote::endpoint::Endpoint;
-use crate::remote::protocol::{read_frame_async, write_frame_async, AgentMessage};
+use crate::remote::protocol::{
+    read_chunk_async, read_frame_async, Hashes, ReceiveEvent, Reply, Request, CHUNK,
+};
 use crate::report::progress::Progress;
 use crate::sync::manifest::{display_path, Digest, Manifest};
 use crate::sync::plan::{self, Plan, PlanOptions, ReuseMode};
@@ -16,11 +18,11 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
 use std::collections::HashMap;
-use std::ffi::OsString;
 use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::AsyncWriteExt;
 
 /// Make DEST an exact, verified mirror of SRC (like `rsync -aH --delete SRC/ DEST/`).
 ///
@@ -160,102 +162,60 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
         _ => 1,
     });
 
-    let mut scan_args = vec![OsString::from("agent"), "scan".into()];
-    if cmd.checksum {
-        scan_args.push("--checksum".into());
-    }
-    for g in &cmd.exclude {
-        scan_args.push("--exclude".into());
-        scan_args.push(g.into());
-    }
-    let with_root = |root: &Path| {
-        let mut a = scan_args.clone();
-        a.push(root.as_os_str().to_owned());
-        a
-    };
     let connected = start.elapsed();
-    let (s, d) = tokio::join!(
-        scan_on(&src, with_root(&src_root)),
-        scan_on(&dest, with_root(&dest_root))
-    );
-    let mut src_m = s.with_context(|| format!("scanning SRC {}", cmd.src))?;
-    let mut dest_m = d.with_context(|| format!("scanning DEST {}", cmd.dest))?;
-    if !src_m.root_exists && !cmd.allow_empty_source {
-        bail!(
-            "SRC {} does not exist on {}; nothing was changed\nhint: check the path; pass --allow-empty-source to empty DEST",
-            src_root.display(),
-            src.label()
-        );
-    }
-
-    let scanned = start.elapsed();
-    let opts = PlanOptions {
-        delete: !cmd.no_delete,
-        checksum: cmd.checksum,
-        allow_empty_source: cmd.allow_empty_source,
+    let (sa, da) = tokio::join!(Agent::start(&src), Agent::start(&dest));
+    let (mut src_agent, mut dest_agent) = (sa?, da?);
+    let phases = run_phases(
+        &cmd,
+        Side {
+            agent: &mut src_agent,
+            root: &src_root,
+        },
+        Side {
+            agent: &mut dest_agent,
+            root: &dest_root,
+        },
+        level,
+    )
+    .await;
+    // Close both agents either way; an agent's own complaint (it crashed, say) is added to
+    // the error.
+    let (src_closed, dest_closed) = tokio::join!(src_agent.close(), dest_agent.close());
+    let Phases {
+        src_m,
+        plan,
+        stats,
+        scanned,
+        planned,
+    } = match phases {
+        Ok(p) => {
+            src_closed?;
+            dest_closed?;
+            p
+        }
+        Err(e) => {
+            let mut message = format!("{e:#}");
+            for closed in [src_closed, dest_closed] {
+                if let Err(agent) = closed {
+                    message.push_str(&format!("\n  also: {agent:#}"));
+                }
+            }
+            return Err(anyhow!(message));
+        }
     };
-    let request = plan::hash_request(&src_m, &dest_m, &opts);
-    if !request.src.is_empty() {
-        let (hs, hd) = tokio::join!(
-            hash_on(&src, &src_root, &request.src),
-            hash_on(&dest, &dest_root, &request.dest)
-        );
-        fill_hashes(&mut src_m, hs?);
-        fill_hashes(&mut dest_m, hd?);
-    }
-    let plan = plan::build(&src_m, &dest_m, &opts)
-        .with_context(|| format!("planning {} → {}", cmd.src, cmd.dest))?;
-
-    let listing = cmd.dry_run || cmd.verbose;
-    if listing && !cmd.json {
-        print_plan(&plan)?;
-    }
-    let planned = start.elapsed();
-    let stats = if cmd.dry_run || plan.is_empty() {
-        ReceiveStats::default()
-    } else {
-        let enabled = !cmd.quiet && !cmd.no_progress;
-        let mut progress =
-            Progress::new(enabled, plan.stats.files_to_send, plan.stats.bytes_to_send);
-        let tee = match &cmd.tee_stream {
-            Some(path) => Some(
-                tokio::fs::File::create(path)
-                    .await
-                    .with_context(|| format!("creating {}", path.display()))?,
-            ),
-            None => None,
-        };
-        let result = transfer(
-            Side {
-                host: &src,
-                root: &src_root,
-            },
-            Side {
-                host: &dest,
-                root: &dest_root,
-            },
-            &plan,
-            level,
-            tee,
-            &mut progress,
-        )
-        .await;
-        progress.finish();
-        result.with_context(|| format!("sync {} → {} failed", cmd.src, cmd.dest))?
-    };
+    src.close().await;
+    dest.close().await;
     let transferred = start.elapsed();
     if cmd.verbose {
         eprintln!(
             "relaymove: time: connect {:.2}s, scan {:.2}s, plan {:.2}s (with hashing), transfer {:.2}s (of which the final sync of DEST {:.2}s)",
             connected.as_secs_f64(),
-            (scanned - connected).as_secs_f64(),
+            (scanned - connected.min(scanned)).as_secs_f64(),
             (planned - scanned).as_secs_f64(),
             (transferred - planned).as_secs_f64(),
             stats.sync_s,
         );
     }
-    src.close().await;
-    dest.close().await;
 
     let mut skipped: Vec<SkippedJson> = src_m
         .skipped
@@ -384,43 +344,107 @@ fn print_plan(plan: &Plan) -> Result<()> {
     Ok(())
 }
 
-async fn scan_on(host: &Host, args: Vec<OsString>) -> Result<Manifest> {
-    let mut agent = host.spawn(&args).await?;
-    drop(agent.stdin.take());
-    let mut out = agent.take_stdout()?;
-    let manifest = read_frame_async::<Manifest>(&mut out).await;
-    drop(out);
-    agent.finish().await?;
-    manifest
+/// What the phases produce, for the report.
+struct Phases {
+    src_m: Manifest,
+    plan: Plan,
+    stats: ReceiveStats,
+    scanned: std::time::Duration,
+    planned: std::time::Duration,
 }
 
-async fn hash_on(
-    host: &Host,
-    root: &Path,
-    paths: &[Vec<u8>],
-) -> Result<Vec<(Vec<u8>, Option<Digest>)>> {
-    let args = vec![
-        OsString::from("agent"),
-        "hash".into(),
-        root.as_os_str().to_owned(),
-    ];
-    let mut agent = host.spawn(&args).await?;
-    let mut stdin = agent.take_stdin()?;
-    let mut out = agent.take_stdout()?;
-    let paths = paths.to_vec();
-    let writer = async move {
-        let r = write_frame_async(&mut stdin, &paths).await;
-        drop(stdin);
-        r
+/// One end of a sync: its agent and the tree's root on that host.
+struct Side<'a> {
+    agent: &'a mut Agent,
+    root: &'a Path,
+}
+
+fn root_bytes(p: &Path) -> Vec<u8> {
+    p.as_os_str().as_bytes().to_vec()
+}
+
+async fn run_phases(cmd: &SyncCmd, src: Side<'_>, dest: Side<'_>, level: i32) -> Result<Phases> {
+    let start = Instant::now();
+    let scan = |root: &Path| Request::Scan {
+        root: root_bytes(root),
+        checksum: cmd.checksum,
+        excludes: cmd.exclude.clone(),
     };
-    let (w, hashes) = tokio::join!(writer, read_frame_async(&mut out));
-    drop(out);
-    agent.finish().await?;
-    w?;
-    hashes
+    let (src_scan, dest_scan) = (scan(src.root), scan(dest.root));
+    let (s, d) = tokio::join!(
+        src.agent.call::<Manifest>(&src_scan),
+        dest.agent.call::<Manifest>(&dest_scan)
+    );
+    let mut src_m = s.with_context(|| format!("scanning SRC {}", cmd.src))?;
+    let mut dest_m = d.with_context(|| format!("scanning DEST {}", cmd.dest))?;
+    if !src_m.root_exists && !cmd.allow_empty_source {
+        bail!(
+            "SRC {} does not exist on {}; nothing was changed\nhint: check the path; pass --allow-empty-source to empty DEST",
+            src.root.display(),
+            src.agent.label()
+        );
+    }
+    let scanned = start.elapsed();
+    let opts = PlanOptions {
+        delete: !cmd.no_delete,
+        checksum: cmd.checksum,
+        allow_empty_source: cmd.allow_empty_source,
+    };
+    let request = plan::hash_request(&src_m, &dest_m, &opts);
+    if !request.src.is_empty() {
+        let hash = |root: &Path, paths: Vec<Vec<u8>>| Request::Hash {
+            root: root_bytes(root),
+            paths,
+        };
+        let (src_hash, dest_hash) = (hash(src.root, request.src), hash(dest.root, request.dest));
+        let (hs, hd) = tokio::join!(
+            src.agent.call::<Hashes>(&src_hash),
+            dest.agent.call::<Hashes>(&dest_hash)
+        );
+        fill_hashes(&mut src_m, hs?);
+        fill_hashes(&mut dest_m, hd?);
+    }
+    let plan = plan::build(&src_m, &dest_m, &opts)
+        .with_context(|| format!("planning {} → {}", cmd.src, cmd.dest))?;
+    if (cmd.dry_run || cmd.verbose) && !cmd.json {
+        print_plan(&plan)?;
+    }
+    let planned = start.elapsed();
+    let stats = if cmd.dry_run || plan.is_empty() {
+        ReceiveStats::default()
+    } else {
+        let enabled = !cmd.quiet && !cmd.no_progress;
+        let mut progress =
+            Progress::new(enabled, plan.stats.files_to_send, plan.stats.bytes_to_send);
+        let tee = match &cmd.tee_stream {
+            Some(path) => Some(
+                tokio::fs::File::create(path)
+                    .await
+                    .with_context(|| format!("creating {}", path.display()))?,
+            ),
+            None => None,
+        };
+        let result = transfer(src, dest, &plan, level, tee, &mut progress).await;
+        progress.finish();
+        result.map_err(|e| {
+            anyhow!(
+                "sync {} → {} failed: {e:#}\nhint: every path in DEST holds its old or its new \
+                 version, never a partial file; run the same command again to finish",
+                cmd.src,
+                cmd.dest
+            )
+        })?
+    };
+    Ok(Phases {
+        src_m,
+        plan,
+        stats,
+        scanned,
+        planned,
+    })
 }
 
-fn fill_hashes(m: &mut Manifest, hashes: Vec<(Vec<u8>, Option<Digest>)>) {
+fn fill_hashes(m: &mut Manifest, hashes: Hashes) {
     let map: HashMap<Vec<u8>, Digest> = hashes
         .into_iter()
         .filter_map(|(p, d)| d.map(|d| (p, d)))
@@ -432,122 +456,95 @@ fn fill_hashes(m: &mut Manifest, hashes: Vec<(Vec<u8>, Option<Digest>)>) {
     }
 }
 
-/// One end of a transfer: the host and the tree's root there.
-struct Side<'a> {
-    host: &'a Host,
-    root: &'a Path,
-}
-
+/// Sends the plan's entries from `from` to `to`, relaying the stream through this process.
 async fn transfer(
     from: Side<'_>,
     to: Side<'_>,
     plan: &Plan,
     level: i32,
-    tee: Option<tokio::fs::File>,
+    mut tee: Option<tokio::fs::File>,
     progress: &mut Progress,
 ) -> Result<ReceiveStats> {
-    let (src, src_root, dest, dest_root) = (from.host, from.root, to.host, to.root);
-    let recv_args = vec![
-        OsString::from("agent"),
-        "receive".into(),
-        dest_root.as_os_str().to_owned(),
-    ];
-    let send_args = vec![
-        OsString::from("agent"),
-        "send".into(),
-        src_root.as_os_str().to_owned(),
-        "--level".into(),
-        level.to_string().into(),
-    ];
-    let mut receiver = dest.spawn(&recv_args).await?;
-    let mut sender = src.spawn(&send_args).await?;
-    let mut recv_in = receiver.take_stdin()?;
-    let recv_out = receiver.take_stdout()?;
-    let mut send_in = sender.take_stdin()?;
-    let send_out = sender.take_stdout()?;
-
-    let items = plan.send.clone();
-    let feed_sender = async move {
-        let r = write_frame_async(&mut send_in, &items).await;
-        drop(send_in);
-        r
-    };
-    let relay = async move {
-        write_frame_async(&mut recv_in, plan).await?;
-        let copied = match tee {
-            None => {
-                let mut from = BufReader::with_capacity(1 << 20, send_out);
-                tokio::io::copy_buf(&mut from, &mut recv_in)
+    let (sender, receiver) = (from.agent, to.agent);
+    let (sender_label, receiver_label) = (sender.label().to_string(), receiver.label().to_string());
+    receiver
+        .send(&Request::Receive {
+            root: root_bytes(to.root),
+            plan: plan.clone(),
+        })
+        .await?;
+    sender
+        .send(&Request::Send {
+            root: root_bytes(from.root),
+            items: plan.send.clone(),
+            level,
+        })
+        .await?;
+    let receiver_input = &mut receiver.input;
+    let receiver_output = &mut receiver.output;
+    let sender_output = &mut sender.output;
+    let relay = async {
+        let mut buf = Vec::with_capacity(CHUNK);
+        let relayed: Result<()> = async {
+            loop {
+                let more = read_chunk_async(sender_output, &mut buf)
                     .await
-                    .map(|_| ())
+                    .with_context(|| format!("reading the stream from {sender_label}"))?;
+                let input = receiver_input
+                    .as_mut()
+                    .ok_or_else(|| anyhow!("bug: receiver input closed"))?;
+                input
+                    .write_all(&(buf.len() as u32).to_le_bytes())
+                    .await
+                    .with_context(|| format!("writing the stream to {receiver_label}"))?;
+                if !more {
+                    input.flush().await?;
+                    break;
+                }
+                input
+                    .write_all(&buf)
+                    .await
+                    .with_context(|| format!("writing the stream to {receiver_label}"))?;
+                if let Some(file) = tee.as_mut() {
+                    file.write_all(&buf).await.context("writing --tee-stream")?;
+                }
             }
-            Some(mut file) => relay_with_copy(send_out, &mut recv_in, &mut file).await,
-        };
-        drop(recv_in);
-        copied.map_err(|e| anyhow!(e))
+            if let Some(file) = tee.as_mut() {
+                file.flush().await.context("writing --tee-stream")?;
+            }
+            let sent: Reply<()> = read_frame_async(sender_output)
+                .await
+                .with_context(|| format!("reading the sender's result from {sender_label}"))?;
+            sent.map_err(|msg| anyhow!("{msg}"))
+                .with_context(|| format!("sending from {sender_label}"))
+        }
+        .await;
+        if relayed.is_err() {
+            // The receiver then sees its input end mid-stream, cleans up and reports.
+            *receiver_input = None;
+        }
+        relayed
     };
     let total_files = plan.stats.files_to_send;
-    let watch = async move {
-        let mut lines = BufReader::new(recv_out).lines();
-        let mut outcome: Option<Result<ReceiveStats, String>> = None;
-        while let Ok(Some(line)) = lines.next_line().await {
-            match serde_json::from_str::<AgentMessage>(&line) {
-                Ok(AgentMessage::Progress(p)) => progress.update(&p, total_files),
-                Ok(AgentMessage::Done(stats)) => outcome = Some(Ok(stats)),
-                Ok(AgentMessage::Error { message }) => outcome = Some(Err(message)),
-                Err(_) => {}
+    let watch = async {
+        loop {
+            match read_frame_async::<ReceiveEvent>(receiver_output).await {
+                Ok(ReceiveEvent::Progress(p)) => progress.update(&p, total_files),
+                Ok(ReceiveEvent::Done(stats)) => return Ok(stats),
+                Ok(ReceiveEvent::Failed(message)) => return Err(anyhow!("{message}")),
+                Err(e) => return Err(e.context(format!("lost the connection to {receiver_label}"))),
             }
         }
-        outcome
     };
-    let (fed, relayed, outcome) = tokio::join!(feed_sender, relay, watch);
-    let sender_done = sender.finish().await;
-    let receiver_done = receiver.finish().await;
-    match outcome {
-        Some(Ok(stats)) => {
-            // The receiver checked every member and the trailer; a sender that then failed
-            // (say, while closing) changes nothing in DEST.
-            sender_done?;
-            Ok(stats)
-        }
-        Some(Err(message)) => {
-            let mut err = anyhow!("{message}");
-            if let Err(e) = sender_done {
-                err = err.context(format!("{e:#}"));
-            }
-            Err(err.context(format!(
-                "receiving into {} on {}",
-                dest_root.display(),
-                dest.label()
-            )))
-        }
-        None => {
-            receiver_done?;
-            sender_done?;
-            fed?;
-            relayed?;
-            bail!(
-                "bug: the receiver on {} ended without a result",
-                dest.label()
-            )
-        }
-    }
-}
-
-async fn relay_with_copy(
-    mut from: impl tokio::io::AsyncRead + Unpin,
-    to: &mut (impl tokio::io::AsyncWrite + Unpin),
-    copy: &mut tokio::fs::File,
-) -> std::io::Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = from.read(&mut buf).await?;
-        if n == 0 {
-            copy.flush().await?;
-            return Ok(());
-        }
-        copy.write_all(&buf[..n]).await?;
-        to.write_all(&buf[..n]).await?;
+    let (relayed, received) = tokio::join!(relay, watch);
+    match (relayed, received) {
+        (Ok(()), Ok(stats)) => Ok(stats),
+        // The sender's failure is the cause; the receiver's message says what DEST holds.
+        (Err(cause), Err(dest_state)) => Err(cause.context(format!("{dest_state:#}"))),
+        (Err(cause), Ok(_)) => Err(cause),
+        (Ok(()), Err(e)) => Err(e.context(format!(
+            "receiving into {} on {receiver_label}",
+            to.root.display()
+        ))),
     }
 }

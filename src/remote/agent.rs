@@ -387,3 +387,67 @@ impl AgentProcess {
         }
     }
 }
+
+/// A running `relaymove agent serve`: requests go in on its stdin, answers come back on its
+/// stdout, one at a time.
+pub struct Agent {
+    pub input: Option<Pin<Box<dyn AsyncWrite + Send>>>,
+    pub output: Pin<Box<dyn AsyncRead + Send>>,
+    process: AgentProcess,
+}
+
+impl Agent {
+    pub async fn start(host: &Host) -> Result<Agent> {
+        let mut process = host.spawn(&["agent".into(), "serve".into()]).await?;
+        let input = Some(process.take_stdin()?);
+        let output = process.take_stdout()?;
+        Ok(Agent {
+            input,
+            output,
+            process,
+        })
+    }
+
+    pub fn label(&self) -> &str {
+        &self.process.label
+    }
+
+    /// Sends a request without waiting for its answer.
+    pub async fn send<T: serde::Serialize>(&mut self, request: &T) -> Result<()> {
+        let input = self
+            .input
+            .as_mut()
+            .ok_or_else(|| anyhow!("bug: request to a closed agent"))?;
+        crate::remote::protocol::write_frame_async(input, request)
+            .await
+            .with_context(|| format!("sending a request to the agent on {}", self.process.label))
+    }
+
+    /// Sends a request and reads its one-frame answer.
+    pub async fn call<T: serde::de::DeserializeOwned>(
+        &mut self,
+        request: &crate::remote::protocol::Request,
+    ) -> Result<T> {
+        self.send(request).await?;
+        let reply: crate::remote::protocol::Reply<T> =
+            crate::remote::protocol::read_frame_async(&mut self.output)
+                .await
+                .with_context(|| {
+                    format!("reading the answer of the agent on {}", self.process.label)
+                })?;
+        reply.map_err(|msg| anyhow!("{msg}"))
+    }
+
+    /// Closes the agent's input and waits for it to exit; a failure carries its stderr.
+    pub async fn close(mut self) -> Result<()> {
+        drop(self.input.take());
+        // An agent stuck writing an answer nobody reads (after a failure elsewhere) gets
+        // EPIPE and exits instead of waiting forever.
+        self.output = Box::pin(tokio::io::empty());
+        let label = self.process.label.clone();
+        match tokio::time::timeout(Duration::from_secs(30), self.process.finish()).await {
+            Ok(r) => r,
+            Err(_) => bail!("the agent on {label} did not exit"),
+        }
+    }
+}

@@ -1,25 +1,66 @@
 //! What the controller and an agent exchange, defined once.
 //!
-//! Agent commands (each one process, one SSH channel):
-//! - `agent scan ROOT [--checksum] [--exclude G]…`: stdout = frame(Manifest).
-//! - `agent hash ROOT`: stdin = frame(Vec<path>); stdout = frame(Vec<(path, Option<Digest>)>).
-//! - `agent send ROOT`: stdin = frame(Vec<SendItem>); stdout = the tar+zstd stream, raw.
-//! - `agent receive ROOT`: stdin = frame(Plan) then the raw stream; stdout = JSON Lines of
-//!   [`AgentMessage`], ending with `done` or `error`.
+//! The controller starts one `relaymove agent serve` per host (one process, one SSH channel)
+//! and sends it [`Request`]s on stdin, one at a time:
+//! - `Scan`, `Hash`: answered with one frame, `Reply<Manifest>` or `Reply<Vec<(path, hash)>>`.
+//! - `Send`: answered with the transfer stream (a zstd-compressed tar) cut into chunks, then
+//!   a `Reply<()>` frame saying whether the sender finished.
+//! - `Receive`: followed on stdin by the stream's chunks; answered with [`ReceiveEvent`]
+//!   frames, progress then `Done` or `Failed`.
 //!
 //! A frame is an 8-byte little-endian length and a zstd-compressed postcard body: compact,
-//! and raw byte paths travel as they are.
+//! and raw byte paths travel as they are. A chunk is a 4-byte little-endian length and that
+//! many stream bytes; a zero length ends the stream. Concatenated chunk payloads are exactly
+//! the stream, so `--tee-stream` writes them as they pass.
 
 use anyhow::{bail, Context, Result};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use std::io::{Read, Write};
+use std::io::{self, Read, Write};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::sync::manifest::Digest;
+use crate::sync::plan::{Plan, SendItem};
 use crate::sync::receive::{ReceiveProgress, ReceiveStats};
 
 /// Refuse absurd lengths from a confused peer instead of allocating them.
 const MAX_FRAME: u64 = 8 << 30;
+/// Stream chunks are at most this long.
+pub const CHUNK: usize = 1 << 20;
+
+#[derive(Serialize, Deserialize, Debug)]
+pub enum Request {
+    Scan {
+        root: Vec<u8>,
+        checksum: bool,
+        excludes: Vec<String>,
+    },
+    Hash {
+        root: Vec<u8>,
+        paths: Vec<Vec<u8>>,
+    },
+    Send {
+        root: Vec<u8>,
+        items: Vec<SendItem>,
+        level: i32,
+    },
+    Receive {
+        root: Vec<u8>,
+        plan: Plan,
+    },
+}
+
+/// An agent's answer: the value, or the error chain as text.
+pub type Reply<T> = Result<T, String>;
+
+pub type Hashes = Vec<(Vec<u8>, Option<Digest>)>;
+
+#[derive(Serialize, Deserialize, Debug)]
+pub enum ReceiveEvent {
+    Progress(ReceiveProgress),
+    Done(ReceiveStats),
+    Failed(String),
+}
 
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
     let raw = postcard::to_stdvec(value).context("encoding a protocol message")?;
@@ -42,13 +83,23 @@ fn check_len(len: u64) -> Result<usize> {
     Ok(len as usize)
 }
 
-pub fn read_frame<T: DeserializeOwned>(r: &mut impl Read) -> Result<T> {
+/// Reads one frame; `Ok(None)` on a clean end of input before the frame started.
+pub fn read_frame_opt<T: DeserializeOwned>(r: &mut impl Read) -> Result<Option<T>> {
     let mut len = [0u8; 8];
-    r.read_exact(&mut len).context("reading a protocol frame")?;
+    let mut got = 0;
+    while got < len.len() {
+        match r.read(&mut len[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => bail!("input ended inside a protocol frame"),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e).context("reading a protocol frame"),
+        }
+    }
     let mut body = vec![0u8; check_len(u64::from_le_bytes(len))?];
     r.read_exact(&mut body)
         .context("reading a protocol frame")?;
-    decode_body(&body)
+    decode_body(&body).map(Some)
 }
 
 pub fn write_frame<T: Serialize>(w: &mut impl Write, value: &T) -> Result<()> {
@@ -78,13 +129,130 @@ pub async fn write_frame_async<T: Serialize>(
     Ok(())
 }
 
-/// One line of `agent receive` output.
-#[derive(Serialize, Deserialize, Debug)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum AgentMessage {
-    Progress(ReceiveProgress),
-    Done(ReceiveStats),
-    Error { message: String },
+/// Cuts what is written into chunks; `finish` writes the end marker.
+pub struct ChunkWriter<W: Write> {
+    inner: W,
+    buf: Vec<u8>,
+}
+
+impl<W: Write> ChunkWriter<W> {
+    pub fn new(inner: W) -> ChunkWriter<W> {
+        ChunkWriter {
+            inner,
+            buf: Vec::with_capacity(CHUNK),
+        }
+    }
+
+    fn emit(&mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            self.inner
+                .write_all(&(self.buf.len() as u32).to_le_bytes())?;
+            self.inner.write_all(&self.buf)?;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+
+    pub fn finish(mut self) -> io::Result<W> {
+        self.emit()?;
+        self.inner.write_all(&0u32.to_le_bytes())?;
+        self.inner.flush()?;
+        Ok(self.inner)
+    }
+}
+
+impl<W: Write> Write for ChunkWriter<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = data.len().min(CHUNK - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == CHUNK {
+            self.emit()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.emit()?;
+        self.inner.flush()
+    }
+}
+
+/// Reads the payload of a chunked stream; end of input before the end marker is an error,
+/// so a dropped connection is never mistaken for a finished stream.
+pub struct ChunkReader<R: Read> {
+    inner: R,
+    left: usize,
+    ended: bool,
+}
+
+impl<R: Read> ChunkReader<R> {
+    pub fn new(inner: R) -> ChunkReader<R> {
+        ChunkReader {
+            inner,
+            left: 0,
+            ended: false,
+        }
+    }
+
+    /// Reads and drops whatever is left of the stream, up to its end marker.
+    pub fn drain(&mut self) -> io::Result<()> {
+        let mut buf = vec![0u8; 64 << 10];
+        while self.read(&mut buf)? > 0 {}
+        Ok(())
+    }
+}
+
+impl<R: Read> Read for ChunkReader<R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.ended || out.is_empty() {
+            return Ok(0);
+        }
+        if self.left == 0 {
+            let mut len = [0u8; 4];
+            self.inner.read_exact(&mut len).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("connection closed in the middle of the stream ({e})"),
+                )
+            })?;
+            self.left = u32::from_le_bytes(len) as usize;
+            if self.left == 0 {
+                self.ended = true;
+                return Ok(0);
+            }
+        }
+        let want = self.left.min(out.len());
+        let n = self.inner.read(&mut out[..want])?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed in the middle of the stream",
+            ));
+        }
+        self.left -= n;
+        Ok(n)
+    }
+}
+
+/// Reads one chunk header and payload into `buf`; `Ok(false)` at the end marker.
+pub async fn read_chunk_async(
+    r: &mut (impl AsyncRead + Unpin),
+    buf: &mut Vec<u8>,
+) -> io::Result<bool> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).await?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > CHUNK {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "stream chunk of {len} bytes; the peer is not a relaymove agent of this version"
+            ),
+        ));
+    }
+    buf.resize(len, 0);
+    r.read_exact(buf).await?;
+    Ok(len > 0)
 }
 
 #[cfg(test)]
@@ -96,16 +264,33 @@ mod tests {
         let paths: Vec<Vec<u8>> = vec![b"a\nb".to_vec(), vec![0xff, 0xfe], Vec::new()];
         let mut buf = Vec::new();
         write_frame(&mut buf, &paths).unwrap();
-        let back: Vec<Vec<u8>> = read_frame(&mut &buf[..]).unwrap();
-        assert_eq!(back, paths);
+        let back: Option<Vec<Vec<u8>>> = read_frame_opt(&mut &buf[..]).unwrap();
+        assert_eq!(back, Some(paths));
+        assert!(read_frame_opt::<Vec<u8>>(&mut &b""[..]).unwrap().is_none());
     }
 
     #[test]
     fn a_truncated_or_oversized_frame_is_an_error() {
         let mut buf = Vec::new();
         write_frame(&mut buf, &vec![1u32, 2, 3]).unwrap();
-        assert!(read_frame::<Vec<u32>>(&mut &buf[..buf.len() - 1]).is_err());
+        assert!(read_frame_opt::<Vec<u32>>(&mut &buf[..buf.len() - 1]).is_err());
+        assert!(read_frame_opt::<Vec<u32>>(&mut &buf[..3]).is_err());
         let huge = u64::MAX.to_le_bytes();
-        assert!(read_frame::<Vec<u32>>(&mut &huge[..]).is_err());
+        assert!(read_frame_opt::<Vec<u32>>(&mut &huge[..]).is_err());
+    }
+
+    #[test]
+    fn chunks_round_trip_and_a_missing_end_marker_is_an_error() {
+        let data: Vec<u8> = (0..3 * CHUNK + 17).map(|i| i as u8).collect();
+        let mut w = ChunkWriter::new(Vec::new());
+        w.write_all(&data).unwrap();
+        let wire = w.finish().unwrap();
+        let mut back = Vec::new();
+        ChunkReader::new(&wire[..]).read_to_end(&mut back).unwrap();
+        assert_eq!(back, data);
+        let cut = &wire[..wire.len() - 4];
+        let mut back = Vec::new();
+        let err = ChunkReader::new(cut).read_to_end(&mut back).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
     }
 }
