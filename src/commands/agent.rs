@@ -17,7 +17,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use std::collections::HashSet;
 use std::ffi::OsStr;
-use std::io::{self, BufWriter, Write};
+use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
@@ -55,7 +55,8 @@ pub fn run(cmd: AgentCmd) -> Result<i32> {
                 write_frame(&mut out, &text(do_hash(path(&root), paths)))?;
             }
             Request::Send { root, items, level } => {
-                let mut chunks = ChunkWriter::new(BufWriter::with_capacity(1 << 20, &mut out));
+                // ChunkWriter buffers a whole chunk; no BufWriter needed in between.
+                let mut chunks = ChunkWriter::new(&mut out);
                 let sent = do_send(path(&root), &items, level, &mut chunks);
                 // The end marker goes out even after a failure, so the stream stays in step.
                 chunks.finish()?;
