@@ -250,8 +250,14 @@ pub async fn read_chunk_async(
             ),
         ));
     }
-    buf.resize(len, 0);
-    r.read_exact(buf).await?;
+    buf.clear();
+    let got = (&mut *r).take(len as u64).read_to_end(buf).await?;
+    if got != len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "connection closed in the middle of a stream chunk",
+        ));
+    }
     Ok(len > 0)
 }
 

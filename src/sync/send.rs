@@ -51,6 +51,8 @@ pub fn send(
     let mut sent_as: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
     let mut buf = Vec::new();
     for item in items {
+        // The controller is trusted, but a sender never reads outside its tree either.
+        crate::sync::beneath::validate(&item.path).context("refusing a send request")?;
         let full = root.join(OsStr::from_bytes(&item.path));
         let sent = match send_one(
             &mut stream,
