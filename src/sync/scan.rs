@@ -9,13 +9,19 @@ use crate::sync::filter::Excludes;
 use crate::sync::hash_cache::{HashCache, Stamp};
 use crate::sync::manifest::{Digest, Entry, Kind, Manifest, Meta, Skipped, TEMP_PREFIX};
 use anyhow::{bail, Context, Result};
+use nix::dir::Dir;
+use nix::errno::Errno;
+use nix::fcntl::{openat, readlinkat, AtFlags, OFlag};
+use nix::sys::stat::{fstat, fstatat, FileStat, Mode, SFlag};
 use nix::unistd::{Gid, Group, Uid, User};
 use sha2::{Digest as _, Sha256};
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{self, Read};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 #[derive(Debug, Default, Clone)]
@@ -71,122 +77,227 @@ pub fn meta_of(md: &fs::Metadata, names: &mut Names) -> Meta {
     }
 }
 
-pub fn scan(root: &Path, opts: &ScanOptions, cache: &mut HashCache) -> Result<Manifest> {
-    let excludes = Excludes::new(&opts.excludes)?;
-    let mut manifest = Manifest::default();
-    match fs::symlink_metadata(root) {
-        Ok(_) => manifest.root_exists = true,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(manifest),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", root.display())),
+/// Metadata of an `fstatat` result, with names looked up on this host.
+fn meta_of_stat(st: &FileStat, names: &mut Names) -> Meta {
+    Meta {
+        mode: st.st_mode & 0o7777,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        user: names.user(st.st_uid),
+        group: names.group(st.st_gid),
+        mtime: st.st_mtime,
+        mtime_nsec: st.st_mtime_nsec as u32,
     }
-    let mut names = Names::default();
-    // The root is followed when it is a symlink: it names the tree, the user chose it.
-    let walker = walkdir::WalkDir::new(root)
-        .follow_root_links(true)
-        .follow_links(false)
-        .sort_by_file_name()
-        .into_iter()
-        .filter_entry(|e| {
-            let rel = rel_path(root, e.path());
-            !excludes.is_excluded(rel)
-        });
-    for item in walker {
-        let item = match item {
-            Ok(item) => item,
-            Err(err) => {
-                // A file deleted between readdir and lstat on a live tree is not an error.
-                if err.io_error().map(|e| e.kind()) == Some(io::ErrorKind::NotFound) {
+}
+
+pub fn stamp_of_stat(st: &FileStat) -> Stamp {
+    Stamp {
+        ino: st.st_ino,
+        size: st.st_size as u64,
+        mtime: st.st_mtime,
+        mtime_nsec: st.st_mtime_nsec,
+        ctime: st.st_ctime,
+        ctime_nsec: st.st_ctime_nsec,
+    }
+}
+
+const DIR_FLAGS: OFlag = OFlag::O_RDONLY
+    .union(OFlag::O_DIRECTORY)
+    .union(OFlag::O_NOFOLLOW)
+    .union(OFlag::O_CLOEXEC);
+
+/// Walks the tree with directory handles: each entry is stat'ed relative to its open
+/// directory (no path lookup from the root for every file), names sorted per directory,
+/// a directory always before its contents.
+struct Walk<'a> {
+    root: &'a Path,
+    opts: &'a ScanOptions,
+    excludes: Excludes,
+    cache: &'a mut HashCache,
+    names: Names,
+    manifest: Manifest,
+}
+
+impl Walk<'_> {
+    fn show(&self, rel: &[u8]) -> String {
+        self.root.join(OsStr::from_bytes(rel)).display().to_string()
+    }
+
+    fn dir(&mut self, dir: &OwnedFd, prefix: &[u8]) -> Result<()> {
+        let listing = Dir::from_fd(dir.try_clone()?)
+            .with_context(|| format!("reading directory {}", self.show(prefix)))?;
+        let mut children: Vec<Vec<u8>> = Vec::new();
+        for entry in listing.into_iter() {
+            let entry =
+                entry.with_context(|| format!("reading directory {}", self.show(prefix)))?;
+            let name = entry.file_name().to_bytes();
+            if name != b"." && name != b".." {
+                children.push(name.to_vec());
+            }
+        }
+        children.sort_unstable();
+        for name in children {
+            let mut rel = prefix.to_vec();
+            if !rel.is_empty() {
+                rel.push(b'/');
+            }
+            rel.extend_from_slice(&name);
+            if self.excludes.is_excluded(&rel) {
+                continue;
+            }
+            if name.starts_with(TEMP_PREFIX) {
+                self.manifest.leftovers.push(rel);
+                continue;
+            }
+            let name = OsStr::from_bytes(&name);
+            let st = match fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+                Ok(st) => st,
+                // Deleted between readdir and stat on a live tree: not an error.
+                Err(Errno::ENOENT) => continue,
+                Err(e) => return Err(e).with_context(|| format!("reading {}", self.show(&rel))),
+            };
+            let fmt = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
+            let kind = match fmt {
+                SFlag::S_IFREG => Kind::File,
+                SFlag::S_IFDIR => Kind::Dir,
+                SFlag::S_IFLNK => Kind::Symlink,
+                SFlag::S_IFIFO => Kind::Fifo,
+                other => {
+                    let reason = if other == SFlag::S_IFSOCK {
+                        "socket (recreated by the daemon that owns it)"
+                    } else {
+                        "device file (not mirrored)"
+                    };
+                    self.manifest.skipped.push(Skipped {
+                        path: rel,
+                        reason: reason.to_string(),
+                    });
                     continue;
                 }
-                let at = err
-                    .path()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default();
-                bail!("scanning {at}: {err}");
-            }
-        };
-        let rel = rel_path(root, item.path()).to_vec();
-        let name = rel.rsplit(|&b| b == b'/').next().unwrap_or(&rel);
-        if name.starts_with(TEMP_PREFIX) {
-            manifest.leftovers.push(rel);
-            continue;
-        }
-        let md = match item.metadata() {
-            Ok(md) => md,
-            Err(err) if err.io_error().map(|e| e.kind()) == Some(io::ErrorKind::NotFound) => {
-                continue
-            }
-            Err(err) => bail!("reading {}: {err}", item.path().display()),
-        };
-        if rel.is_empty() && !md.is_dir() {
-            bail!(
-                "{} is not a directory; sync mirrors the contents of a directory",
-                root.display()
-            );
-        }
-        let ft = md.file_type();
-        let kind = if ft.is_file() {
-            Kind::File
-        } else if ft.is_dir() {
-            Kind::Dir
-        } else if ft.is_symlink() {
-            Kind::Symlink
-        } else if ft.is_fifo() {
-            Kind::Fifo
-        } else {
-            let reason = if ft.is_socket() {
-                "socket (recreated by the daemon that owns it)"
-            } else {
-                "device file (not mirrored)"
             };
-            manifest.skipped.push(Skipped {
-                path: rel,
-                reason: reason.to_string(),
-            });
-            continue;
-        };
-        let target = if kind == Kind::Symlink {
-            match fs::read_link(item.path()) {
-                Ok(t) => Some(t.as_os_str().as_bytes().to_vec()),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => {
-                    return Err(e)
-                        .with_context(|| format!("reading link {}", item.path().display()))
+            let target = if kind == Kind::Symlink {
+                match readlinkat(dir, name) {
+                    Ok(t) => Some(t.as_bytes().to_vec()),
+                    Err(Errno::ENOENT) => continue,
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("reading link {}", self.show(&rel)))
+                    }
                 }
-            }
-        } else {
-            None
-        };
-        let hash = if kind == Kind::File && opts.checksum {
-            match hash_path(item.path(), &rel, &md, cache) {
-                Ok(h) => Some(h),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => {
-                    return Err(e).with_context(|| format!("hashing {}", item.path().display()))
+            } else {
+                None
+            };
+            let hash = if kind == Kind::File && self.opts.checksum {
+                match self.hash_at(dir, name, &rel, &st) {
+                    Ok(h) => Some(h),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("hashing {}", self.show(&rel)))
+                    }
                 }
+            } else {
+                None
+            };
+            self.push(rel.clone(), kind, &st, target, hash);
+            if kind == Kind::Dir {
+                let sub = match openat(dir, name, DIR_FLAGS, Mode::empty()) {
+                    Ok(fd) => fd,
+                    Err(Errno::ENOENT) => continue,
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("opening {}", self.show(&rel)))
+                    }
+                };
+                self.dir(&sub, &rel)?;
             }
-        } else {
-            None
-        };
-        manifest.entries.push(Entry {
-            path: rel,
+        }
+        Ok(())
+    }
+
+    fn hash_at(
+        &mut self,
+        dir: &OwnedFd,
+        name: &OsStr,
+        rel: &[u8],
+        st: &FileStat,
+    ) -> io::Result<Digest> {
+        let stamp = stamp_of_stat(st);
+        if let Some(d) = self.cache.get(rel, &stamp) {
+            return Ok(d);
+        }
+        let fd = openat(
+            dir,
+            name,
+            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(io::Error::from)?;
+        let mut file = File::from(fd);
+        let digest = hash_reader(&mut file)?;
+        // Only remember the hash if the file did not change while we read it.
+        if Stamp::of(&file.metadata()?) == stamp {
+            self.cache.put(rel, stamp, digest);
+        }
+        Ok(digest)
+    }
+
+    fn push(
+        &mut self,
+        path: Vec<u8>,
+        kind: Kind,
+        st: &FileStat,
+        target: Option<Vec<u8>>,
+        hash: Option<Digest>,
+    ) {
+        let meta = meta_of_stat(st, &mut self.names);
+        self.manifest.entries.push(Entry {
+            path,
             kind,
-            size: if kind == Kind::File { md.size() } else { 0 },
-            meta: meta_of(&md, &mut names),
-            dev: md.dev(),
-            ino: md.ino(),
-            nlink: md.nlink(),
+            size: if kind == Kind::File {
+                st.st_size as u64
+            } else {
+                0
+            },
+            meta,
+            dev: st.st_dev,
+            ino: st.st_ino,
+            nlink: st.st_nlink,
             target,
             hash,
         });
     }
-    Ok(manifest)
 }
 
-fn rel_path<'a>(root: &Path, path: &'a Path) -> &'a [u8] {
-    path.strip_prefix(root)
-        .map(|p| p.as_os_str().as_bytes())
-        .unwrap_or_default()
+pub fn scan(root: &Path, opts: &ScanOptions, cache: &mut HashCache) -> Result<Manifest> {
+    let excludes = Excludes::new(&opts.excludes)?;
+    // The root is followed when it is a symlink: it names the tree, the user chose it.
+    let root_fd = match openat(
+        nix::fcntl::AT_FDCWD,
+        root,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(Errno::ENOENT) => return Ok(Manifest::default()),
+        Err(Errno::ENOTDIR) => bail!(
+            "{} is not a directory; sync mirrors the contents of a directory",
+            root.display()
+        ),
+        Err(e) => return Err(e).with_context(|| format!("opening {}", root.display())),
+    };
+    let st = fstat(&root_fd).with_context(|| format!("reading {}", root.display()))?;
+    let mut walk = Walk {
+        root,
+        opts,
+        excludes,
+        cache,
+        names: Names::default(),
+        manifest: Manifest {
+            root_exists: true,
+            ..Manifest::default()
+        },
+    };
+    walk.push(Vec::new(), Kind::Dir, &st, None, None);
+    walk.dir(&root_fd, b"")?;
+    Ok(walk.manifest)
 }
 
 /// The hash of the file at `path` (relative name `rel` in the cache), from the cache when the
