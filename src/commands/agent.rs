@@ -4,7 +4,8 @@
 //! host's file system; the controller never does.
 
 use crate::remote::protocol::{
-    read_frame_opt, write_frame, ChunkReader, ChunkWriter, Hashes, ReceiveEvent, Reply, Request,
+    read_frame_opt, write_frame, ChunkReader, ChunkWriter, Hashes, Hello, ReceiveEvent, Reply,
+    Request, PROTOCOL,
 };
 use crate::sync::beneath::{validate, Tree};
 use crate::sync::hash_cache::HashCache;
@@ -40,6 +41,7 @@ pub fn run(cmd: AgentCmd) -> Result<i32> {
     // thread.
     let mut input = io::stdin();
     let stdout = io::stdout();
+    write_frame(&mut stdout.lock(), &Hello { protocol: PROTOCOL })?;
     while let Some(request) = read_frame_opt::<Request>(&mut input)? {
         let mut out = stdout.lock();
         match request {

@@ -10,12 +10,11 @@
 //! users, under `~/.local/lib/relaymove/bin/`. It is uploaded only when absent or different.
 
 use crate::remote::endpoint::RemotePath;
+use crate::remote::protocol::{Hello, PROTOCOL};
 use anyhow::{anyhow, bail, Context, Result};
 use openssh::{KnownHosts, Session, SessionBuilder, Stdio};
 use sha2::{Digest as _, Sha256};
-use std::ffi::{OsStr, OsString};
 use std::io::Write;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -35,24 +34,11 @@ pub enum Host {
     },
     Remote {
         session: Arc<Session>,
-        exe: OsString,
         label: String,
+        /// SHA-256 of this binary: the agent's file name on the host.
+        digest: String,
         _config: tempfile::NamedTempFile,
     },
-}
-
-/// Quotes raw bytes for the remote POSIX shell.
-pub fn shell_quote(arg: &[u8]) -> OsString {
-    let mut out = b"'".to_vec();
-    for &b in arg {
-        if b == b'\'' {
-            out.extend_from_slice(b"'\\''");
-        } else {
-            out.push(b);
-        }
-    }
-    out.push(b'\'');
-    OsString::from(OsStr::from_bytes(&out))
 }
 
 fn ssh_config(opts: &SshOptions) -> Result<tempfile::NamedTempFile> {
@@ -83,23 +69,29 @@ fn ssh_config(opts: &SshOptions) -> Result<tempfile::NamedTempFile> {
     Ok(file)
 }
 
-const AGENT_CHECK: &str = r#"set -e
+/// Starts the agent if this host has this exact version; else exits 97 (upload needed).
+/// The check and the start are one command, so a sync costs one round trip for it.
+const AGENT_START: &str = r#"if [ "$(id -u)" = 0 ]; then d=/var/lib/relaymove; else d="${HOME:?}/.local/lib/relaymove"; fi
+f="$d/bin/relaymove-$1"
+if [ -x "$f" ] && [ "$(sha256sum < "$f" | cut -d' ' -f1)" = "$1" ]; then exec "$f" agent serve; fi
+exit 97
+"#;
+
+/// Installs the agent from stdin, root-only, and removes older versions.
+const AGENT_INSTALL: &str = r#"set -e
 if [ "$(id -u)" = 0 ]; then d=/var/lib/relaymove; else d="${HOME:?}/.local/lib/relaymove"; fi
 umask 077
 mkdir -p "$d/bin"
 chmod 700 "$d"
 f="$d/bin/relaymove-$1"
-if [ -x "$f" ] && [ "$(sha256sum < "$f" | cut -d' ' -f1)" = "$1" ]; then echo "ok $f"; else echo "need $f"; fi
+cat > "$f.part"
+chmod 700 "$f.part"
+mv "$f.part" "$f"
+for old in "$d"/bin/relaymove-*; do [ "$old" = "$f" ] || rm -f "$old"; done
 "#;
 
-const AGENT_INSTALL: &str = r#"set -e
-umask 077
-cat > "$1.part"
-chmod 700 "$1.part"
-mv "$1.part" "$1"
-# Older versions are not needed any more.
-for old in "${1%/*}"/relaymove-*; do [ "$old" = "$1" ] || rm -f "$old"; done
-"#;
+/// Exit status of `AGENT_START` when the agent must be uploaded first.
+const AGENT_MISSING: i32 = 97;
 
 impl Host {
     pub fn local() -> Result<Host> {
@@ -140,28 +132,25 @@ impl Host {
                  (key in ssh-agent or IdentityFile, host key in known_hosts: relaymove checks host keys strictly)"
             )
         })?;
-        let session = Arc::new(session);
-        let exe = install_agent(&session, &label).await?;
+        let exe = std::env::current_exe().context("finding this program's path")?;
+        let bytes = tokio::fs::read(&exe)
+            .await
+            .with_context(|| format!("reading {}", exe.display()))?;
         Ok(Host::Remote {
-            session,
-            exe,
+            session: Arc::new(session),
             label,
+            digest: crate::sync::hash_cache::hex(&Sha256::digest(&bytes)),
             _config: config,
         })
     }
 
-    /// Starts `relaymove agent ARGS…` on this host with piped stdin, stdout and stderr.
-    pub async fn spawn(&self, args: &[OsString]) -> Result<AgentProcess> {
-        let what = args
-            .iter()
-            .take(2)
-            .map(|a| a.to_string_lossy())
-            .collect::<Vec<_>>()
-            .join(" ");
+    /// Starts `relaymove agent serve` on this host with piped stdin, stdout and stderr.
+    async fn spawn_agent(&self) -> Result<AgentProcess> {
+        let what = "agent serve".to_string();
         match self {
             Host::Local { exe } => {
                 let mut child = tokio::process::Command::new(exe)
-                    .args(args)
+                    .args(["agent", "serve"])
                     .stdin(std::process::Stdio::piped())
                     .stdout(std::process::Stdio::piped())
                     .stderr(std::process::Stdio::piped())
@@ -191,14 +180,12 @@ impl Host {
             }
             Host::Remote {
                 session,
-                exe,
                 label,
+                digest,
                 ..
             } => {
-                let mut cmd = session.clone().arc_raw_command(exe);
-                for a in args {
-                    cmd.raw_arg(shell_quote(a.as_bytes()));
-                }
+                let mut cmd = session.clone().arc_command("sh");
+                cmd.arg("-c").arg(AGENT_START).arg("relaymove").arg(digest);
                 let mut child = cmd
                     .stdin(Stdio::piped())
                     .stdout(Stdio::piped())
@@ -239,38 +226,28 @@ impl Host {
     }
 }
 
-async fn install_agent(session: &Arc<Session>, label: &str) -> Result<OsString> {
-    let exe = std::env::current_exe().context("finding this program's path")?;
-    let bytes = tokio::fs::read(&exe)
-        .await
-        .with_context(|| format!("reading {}", exe.display()))?;
-    let digest = crate::sync::hash_cache::hex(&Sha256::digest(&bytes));
-    let check = session
-        .command("sh")
-        .arg("-c")
-        .arg(AGENT_CHECK)
-        .arg("relaymove")
-        .arg(&digest)
-        .output()
-        .await
-        .with_context(|| format!("checking for the agent on {label}"))?;
-    if !check.status.success() {
-        bail!(
-            "checking for the agent on {label} failed: {}",
-            String::from_utf8_lossy(&check.stderr).trim()
-        );
-    }
-    let answer = String::from_utf8_lossy(&check.stdout).trim().to_string();
-    let (state, path) = answer
-        .split_once(' ')
-        .ok_or_else(|| anyhow!("unexpected answer from {label}: {answer:?}"))?;
-    if state == "need" {
+impl Host {
+    /// Uploads this binary as the agent (see `AGENT_INSTALL`).
+    async fn upload(&self) -> Result<()> {
+        let Host::Remote {
+            session,
+            label,
+            digest,
+            ..
+        } = self
+        else {
+            return Ok(());
+        };
+        let exe = std::env::current_exe().context("finding this program's path")?;
+        let bytes = tokio::fs::read(&exe)
+            .await
+            .with_context(|| format!("reading {}", exe.display()))?;
         let mut child = session
             .command("sh")
             .arg("-c")
             .arg(AGENT_INSTALL)
             .arg("relaymove")
-            .arg(path)
+            .arg(digest)
             .stdin(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -279,7 +256,7 @@ async fn install_agent(session: &Arc<Session>, label: &str) -> Result<OsString> 
         let mut stdin = child
             .stdin()
             .take()
-            .ok_or_else(|| anyhow!("no stdin for the upload"))?;
+            .ok_or_else(|| anyhow!("bug: no stdin for the upload"))?;
         stdin
             .write_all(&bytes)
             .await
@@ -288,12 +265,12 @@ async fn install_agent(session: &Arc<Session>, label: &str) -> Result<OsString> 
         let out = child.wait_with_output().await?;
         if !out.status.success() {
             bail!(
-                "uploading the agent to {label}:{path} failed: {}",
+                "uploading the agent to {label} failed: {}",
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
+        Ok(())
     }
-    Ok(OsString::from(path))
 }
 
 enum Waiter {
@@ -352,6 +329,17 @@ impl AgentProcess {
     }
 
     /// Waits for the agent to exit; a failure carries what it printed on stderr.
+    /// Waits for the process; returns its exit code (None when killed or the connection
+    /// dropped) and what it wrote on stderr.
+    async fn exit_code(mut self) -> (Option<i32>, String) {
+        drop(self.stdin.take());
+        let status = match self.waiter {
+            Waiter::Local(mut child) => child.wait().await.ok().and_then(|s| s.code()),
+            Waiter::Remote(child) => child.wait().await.ok().and_then(|s| s.code()),
+        };
+        (status, self.stderr.await.unwrap_or_default())
+    }
+
     pub async fn finish(mut self) -> Result<()> {
         if let Some(mut stdin) = self.stdin.take() {
             let _ = stdin.flush().await;
@@ -397,15 +385,46 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// Starts the agent on `host`, uploading it first when the host lacks this version.
     pub async fn start(host: &Host) -> Result<Agent> {
-        let mut process = host.spawn(&["agent".into(), "serve".into()]).await?;
-        let input = Some(process.take_stdin()?);
-        let output = process.take_stdout()?;
-        Ok(Agent {
-            input,
-            output,
-            process,
-        })
+        let mut uploaded = false;
+        loop {
+            let mut process = host.spawn_agent().await?;
+            let mut output = process.take_stdout()?;
+            match crate::remote::protocol::read_frame_async::<Hello>(&mut output).await {
+                Ok(hello) if hello.protocol == PROTOCOL => {
+                    let input = Some(process.take_stdin()?);
+                    return Ok(Agent {
+                        input,
+                        output,
+                        process,
+                    });
+                }
+                Ok(hello) => bail!(
+                    "the agent on {} speaks protocol {}, this relaymove {PROTOCOL}",
+                    host.label(),
+                    hello.protocol
+                ),
+                Err(e) => {
+                    let (code, stderr) = process.exit_code().await;
+                    if code == Some(AGENT_MISSING) && !uploaded {
+                        host.upload().await?;
+                        uploaded = true;
+                        continue;
+                    }
+                    let stderr = stderr.trim();
+                    bail!(
+                        "starting the agent on {} failed: {}",
+                        host.label(),
+                        if stderr.is_empty() {
+                            format!("{e:#}")
+                        } else {
+                            stderr.to_string()
+                        }
+                    );
+                }
+            }
+        }
     }
 
     pub fn label(&self) -> &str {

@@ -1,7 +1,8 @@
 //! What the controller and an agent exchange, defined once.
 //!
-//! The controller starts one `relaymove agent serve` per host (one process, one SSH channel)
-//! and sends it [`Request`]s on stdin, one at a time:
+//! The controller starts one `relaymove agent serve` per host (one process, one SSH channel).
+//! The agent first sends a [`Hello`]; then the controller sends [`Request`]s on stdin, one
+//! at a time:
 //! - `Scan`, `Hash`: answered with one frame, `Reply<Manifest>` or `Reply<Vec<(path, hash)>>`.
 //! - `Send`: answered with the transfer stream (a zstd-compressed tar) cut into chunks, then
 //!   a `Reply<()>` frame saying whether the sender finished.
@@ -27,6 +28,15 @@ use crate::sync::receive::{ReceiveProgress, ReceiveStats};
 const MAX_FRAME: u64 = 8 << 30;
 /// Stream chunks are at most this long.
 pub const CHUNK: usize = 1 << 20;
+
+/// Changes whenever a message changes shape; the agent's file name pins the exact build.
+pub const PROTOCOL: u32 = 1;
+
+/// The agent's first frame: proof it started and speaks this protocol.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Hello {
+    pub protocol: u32,
+}
 
 #[derive(Serialize, Deserialize, Debug)]
 pub enum Request {
