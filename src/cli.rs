@@ -14,6 +14,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     Sync(crate::commands::sync::SyncCmd),
+    Dns(crate::commands::dns::DnsCmd),
     #[command(hide = true)]
     Agent(crate::commands::agent::AgentCmd),
 }

@@ -5,6 +5,8 @@
 
 mod cli;
 mod commands;
+mod config;
+mod dns;
 mod remote;
 mod report;
 mod sync;

@@ -1,6 +1,7 @@
 //! Subcommands: thin layers that read options, call the engine and pick the output format.
 
 pub mod agent;
+pub mod dns;
 pub mod sync;
 
 use crate::cli::{Cli, Command};
@@ -9,6 +10,7 @@ use crate::cli::{Cli, Command};
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Sync(cmd) => sync::run(cmd),
+        Command::Dns(cmd) => dns::run(cmd),
         Command::Agent(cmd) => agent::run(cmd),
     }
 }

@@ -2,6 +2,7 @@
 //! entry by entry the way a user would check a mirror.
 #![allow(dead_code)]
 
+pub mod knot;
 pub mod maildir;
 
 use sha2::{Digest, Sha256};
