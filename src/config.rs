@@ -278,7 +278,7 @@ tsig_secret_file = "/x"
     fn an_unknown_key_is_named_with_its_line() {
         let text = GOOD.replace("zone = ", "zonee = \"x\"\nzone = ");
         let err = format!("{:#}", Config::parse(&text).unwrap_err());
-        assert!(err.contains("zonee") && err.contains("line 14"), "{err}");
+        assert!(err.contains("zonee") && err.contains("line 12"), "{err}");
     }
 
     #[test]
