@@ -98,6 +98,7 @@ fn status_lists_every_server_with_serial_and_records() {
         "{v}"
     );
     let human = dns(&config, &["status"]);
+    eprintln!("{}", text(&human));
     assert!(
         text(&human).contains("all 2 servers agree"),
         "{}",
