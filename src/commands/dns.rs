@@ -208,7 +208,7 @@ async fn status(config: &Config, json: bool) -> Result<i32> {
                 ""
             };
             println!(
-                "  {:<34} {:<5} {:>6}  {}  {note}",
+                "  {:<38} {:<5} {:>6}  {}  {note}",
                 r.name, r.rtype, r.ttl, r.value
             );
         }
