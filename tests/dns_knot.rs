@@ -405,3 +405,91 @@ fn faults_are_named_cname_missing_zone_and_unreachable_server() {
         vec!["198.51.100.10"]
     );
 }
+
+#[test]
+fn the_command_provider_gets_the_change_and_relaymove_confirms_it() {
+    if !ready() {
+        return;
+    }
+    let knot = Knot::start("v=DKIM1;k=rsa;p=AAAA");
+    let seen = knot.path("seen-env");
+    let script = format!(
+        "env | grep ^RELAYMOVE_ | sort > {seen}; \
+         {{ echo \"server 127.0.0.1 {port}\"; echo \"zone $RELAYMOVE_ZONE\"; \
+            for ip in $RELAYMOVE_A_OLD; do echo \"update delete $RELAYMOVE_NAME A $ip\"; done; \
+            for ip in $RELAYMOVE_A_NEW; do echo \"update add $RELAYMOVE_NAME $RELAYMOVE_A_TTL A $ip\"; done; \
+            for ip in $RELAYMOVE_AAAA_NEW; do echo \"update add $RELAYMOVE_NAME $RELAYMOVE_AAAA_TTL AAAA $ip\"; done; \
+            echo send; }} | knsupdate -y hmac-sha256:relaymove.:{SECRET}",
+        seen = seen.display(),
+        port = knot.primary
+    );
+    let extra = format!(
+        "command = [\"sh\", \"-c\", {}]",
+        serde_json::to_string(&script).unwrap()
+    );
+    let config = knot.config("mail.example.org", SECRET, &extra);
+    let body = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("provider = \"rfc2136\"", "provider = \"command\"");
+    std::fs::write(&config, body).unwrap();
+    let out = dns(&config, &["cutover"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let env = std::fs::read_to_string(&seen).unwrap();
+    for line in [
+        "RELAYMOVE_ACTION=cutover",
+        "RELAYMOVE_A_OLD=198.51.100.10",
+        "RELAYMOVE_A_NEW=198.51.100.20",
+        "RELAYMOVE_AAAA_NEW=2001:db8::20",
+        "RELAYMOVE_ZONE=example.org.",
+    ] {
+        assert!(env.contains(line), "{line} missing from:\n{env}");
+    }
+    assert_eq!(
+        knot.dig(knot.secondary, "mail.example.org.", "A"),
+        vec!["198.51.100.20"]
+    );
+}
+
+#[test]
+fn the_manual_provider_prints_the_records_and_waits_for_them() {
+    if !ready() {
+        return;
+    }
+    let knot = Knot::start("v=DKIM1;k=rsa;p=AAAA");
+    let config = knot.config("mail.example.org", SECRET, "");
+    let body = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("provider = \"rfc2136\"", "provider = \"manual\"");
+    std::fs::write(&config, body).unwrap();
+    let mut child = Command::new(common::bin())
+        .args(["dns", "cutover", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read the instructions, then do what they say, as an operator at a web panel would.
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut said = String::new();
+    while !said.contains("waiting until every authoritative server") {
+        let mut line = String::new();
+        assert!(
+            std::io::BufRead::read_line(&mut stderr, &mut line).unwrap() > 0,
+            "{said}"
+        );
+        said.push_str(&line);
+    }
+    assert!(
+        said.contains("set:    mail.example.org. 3600 IN A 198.51.100.20"),
+        "{said}"
+    );
+    assert!(
+        said.contains("set:    mail.example.org. 300 IN AAAA 2001:db8::20"),
+        "{said}"
+    );
+    knot.nsupdate(
+        "update delete mail.example.org. A\nupdate add mail.example.org. 3600 A 198.51.100.20\nupdate add mail.example.org. 300 AAAA 2001:db8::20",
+    );
+    let status = child.wait().unwrap();
+    assert!(status.success());
+}
