@@ -274,12 +274,31 @@ async fn ptr(server: &Server, names: &Names, ip: IpAddr) -> Finding {
             fix,
         );
     }
-    finding(
-        &check,
-        Level::Ok,
-        format!("{ip} → {want}; forward lookup follows the cutover"),
-        None,
-    )
+    // Forward-confirmed: the name must resolve back to the address (true after the cutover).
+    let rtype = if ip.is_ipv4() {
+        RecordType::A
+    } else {
+        RecordType::AAAA
+    };
+    let forward = match server.query(&names.domain, rtype).await {
+        Ok(a) => a.answers.iter().any(|r| address(&r.data) == Some(ip)),
+        Err(_) => false,
+    };
+    if forward {
+        finding(
+            &check,
+            Level::Ok,
+            format!("{ip} → {want} → {ip} (forward-confirmed)"),
+            None,
+        )
+    } else {
+        finding(
+            &check,
+            Level::Warn,
+            format!("{ip} → {want}, but {want} does not resolve to {ip} yet"),
+            Some("expected before the cutover; after it this must pass".into()),
+        )
+    }
 }
 
 async fn mx(server: &Server, names: &Names) -> Finding {
