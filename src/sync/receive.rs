@@ -86,45 +86,50 @@ struct Owners {
     chown_failed: bool,
 }
 
+/// This host's id for `name` (looked up once), else the sender's number, reported once.
+fn local_id(
+    known: &mut HashMap<String, Option<u32>>,
+    name: Option<&String>,
+    sender_id: u32,
+    kind: &str,
+    resolve: impl FnOnce(&str) -> Option<u32>,
+    warned: &mut HashSet<String>,
+    warnings: &mut Vec<String>,
+) -> u32 {
+    let Some(name) = name else {
+        return sender_id;
+    };
+    let found = *known.entry(name.clone()).or_insert_with(|| resolve(name));
+    found.unwrap_or_else(|| {
+        if warned.insert(format!("{kind}:{name}")) {
+            warnings.push(format!(
+                "{kind} {name:?} does not exist on this host; kept numeric id {sender_id}"
+            ));
+        }
+        sender_id
+    })
+}
+
 impl Owners {
     fn ids(&mut self, meta: &Meta) -> (u32, u32) {
-        let uid = match &meta.user {
-            Some(name) => {
-                let found = *self.users.entry(name.clone()).or_insert_with(|| {
-                    User::from_name(name).ok().flatten().map(|u| u.uid.as_raw())
-                });
-                found.unwrap_or_else(|| {
-                    if self.warned.insert(format!("u:{name}")) {
-                        self.warnings.push(format!(
-                            "user {name:?} does not exist on this host; kept numeric uid {}",
-                            meta.uid
-                        ));
-                    }
-                    meta.uid
-                })
-            }
-            None => meta.uid,
-        };
-        let gid = match &meta.group {
-            Some(name) => {
-                let found = *self.groups.entry(name.clone()).or_insert_with(|| {
-                    Group::from_name(name)
-                        .ok()
-                        .flatten()
-                        .map(|g| g.gid.as_raw())
-                });
-                found.unwrap_or_else(|| {
-                    if self.warned.insert(format!("g:{name}")) {
-                        self.warnings.push(format!(
-                            "group {name:?} does not exist on this host; kept numeric gid {}",
-                            meta.gid
-                        ));
-                    }
-                    meta.gid
-                })
-            }
-            None => meta.gid,
-        };
+        let uid = local_id(
+            &mut self.users,
+            meta.user.as_ref(),
+            meta.uid,
+            "user",
+            |n| User::from_name(n).ok().flatten().map(|u| u.uid.as_raw()),
+            &mut self.warned,
+            &mut self.warnings,
+        );
+        let gid = local_id(
+            &mut self.groups,
+            meta.group.as_ref(),
+            meta.gid,
+            "group",
+            |n| Group::from_name(n).ok().flatten().map(|g| g.gid.as_raw()),
+            &mut self.warned,
+            &mut self.warnings,
+        );
         (uid, gid)
     }
 
@@ -152,34 +157,23 @@ fn mtime_spec(meta: &Meta) -> [TimeSpec; 2] {
     ]
 }
 
-/// Owner, mode, mtime on an open file or directory (chown first: it clears setuid bits).
-fn apply_meta_fd(fd: BorrowedFd<'_>, meta: &Meta, owners: &mut Owners, what: &str) -> Result<()> {
-    let (uid, gid) = owners.ids(meta);
-    let r = fchown(fd, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)));
-    owners.chown_result(r, what)?;
-    fchmod(fd, Mode::from_bits_truncate(meta.mode))
-        .with_context(|| format!("setting the mode of {what}"))?;
-    let [atime, mtime] = mtime_spec(meta);
-    futimens(fd, &atime, &mtime).with_context(|| format!("setting the mtime of {what}"))?;
-    Ok(())
-}
-
-/// Owner, special mode bits and mtime on a file just created with `meta.mode & 0o777` by
-/// `me` (uid, gid) under a zero umask: chown only when the owner differs, chmod only for
-/// setuid, setgid and sticky bits (after chown, which clears them).
-fn apply_meta_new(
+/// Owner, mode and mtime on an open file or directory; chown first, as it clears setuid and
+/// setgid. `created_by` is set for a file this run just created, as (uid, gid), with
+/// `meta.mode & 0o777` under a zero umask: then chown only when the owner differs, and chmod
+/// only for setuid, setgid and sticky.
+fn apply_meta_fd(
     fd: BorrowedFd<'_>,
     meta: &Meta,
-    me: (u32, u32),
+    created_by: Option<(u32, u32)>,
     owners: &mut Owners,
     what: &str,
 ) -> Result<()> {
     let (uid, gid) = owners.ids(meta);
-    if (uid, gid) != me {
+    if created_by != Some((uid, gid)) {
         let r = fchown(fd, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)));
         owners.chown_result(r, what)?;
     }
-    if meta.mode & 0o7000 != 0 {
+    if created_by.is_none() || meta.mode & 0o7000 != 0 {
         fchmod(fd, Mode::from_bits_truncate(meta.mode))
             .with_context(|| format!("setting the mode of {what}"))?;
     }
@@ -570,7 +564,7 @@ impl<'p> Receiver<'p> {
         for (reuse, staged_name) in self.plan.reuse.iter().zip(staged) {
             let what = self.tree.show(&reuse.to);
             let fd = open_nofollow(stage_fd.as_fd(), &staged_name)?;
-            apply_meta_fd(fd.as_fd(), &reuse.meta, &mut self.owners, &what)?;
+            apply_meta_fd(fd.as_fd(), &reuse.meta, None, &mut self.owners, &what)?;
             let (dir, name) = self.tree.parent(&reuse.to)?;
             nix::fcntl::renameat(stage_fd.as_fd(), staged_name.as_os_str(), dir.as_fd(), name)
                 .with_context(|| format!("moving content into {what}"))?;
@@ -663,10 +657,10 @@ impl<'p> Receiver<'p> {
                         if got != *digest {
                             bail!("{what}: content does not match the sender's SHA-256; nothing was written under its name. The source file may have changed during the sync; run it again");
                         }
-                        apply_meta_new(
+                        apply_meta_fd(
                             file.as_fd(),
                             &member.meta,
-                            self.me,
+                            Some(self.me),
                             &mut self.owners,
                             &what,
                         )?;
@@ -719,7 +713,7 @@ impl<'p> Receiver<'p> {
                         )
                         .with_context(|| format!("creating fifo {what}"))?;
                         let fd = open_nofollow(dir.as_fd(), &tmp.name)?;
-                        apply_meta_fd(fd.as_fd(), &member.meta, &mut self.owners, &what)?;
+                        apply_meta_fd(fd.as_fd(), &member.meta, None, &mut self.owners, &what)?;
                         tmp.commit(name)
                             .with_context(|| format!("renaming into {what}"))?;
                     }
@@ -790,14 +784,14 @@ impl<'p> Receiver<'p> {
                 _ => {
                     let fd = open_nofollow(dir.as_fd(), name)
                         .with_context(|| format!("opening {what}"))?;
-                    apply_meta_fd(fd.as_fd(), &update.meta, &mut self.owners, &what)?;
+                    apply_meta_fd(fd.as_fd(), &update.meta, None, &mut self.owners, &what)?;
                 }
             }
         }
         for update in &self.plan.dirs {
             let what = self.tree.show(&update.path);
             let fd = self.tree.dir(&update.path)?;
-            apply_meta_fd(fd.as_fd(), &update.meta, &mut self.owners, &what)?;
+            apply_meta_fd(fd.as_fd(), &update.meta, None, &mut self.owners, &what)?;
         }
         Ok(())
     }
@@ -828,14 +822,7 @@ impl<'p> Receiver<'p> {
                 continue;
             };
             if let Ok(st) = fstatat(dir.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
-                let stamp = Stamp {
-                    ino: st.st_ino,
-                    size: st.st_size as u64,
-                    mtime: st.st_mtime,
-                    mtime_nsec: st.st_mtime_nsec,
-                    ctime: st.st_ctime,
-                    ctime_nsec: st.st_ctime_nsec,
-                };
+                let stamp = crate::sync::scan::stamp_of_stat(&st);
                 self.cache.put(&path, stamp, digest);
             }
         }
