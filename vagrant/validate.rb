@@ -46,7 +46,7 @@ settings = ansible[0][2].calls.to_h { |c| [c[0].to_s.delete_suffix("="), c[1][0]
 %w[playbook config_file].each do |key|
   fail.("Ansible #{key} #{settings[key].inspect} does not exist") unless settings[key] && File.exist?(settings[key])
 end
-fail.("Ansible limit must be all") unless settings["limit"] == "all"
+fail.("Ansible limit must be all,localhost (the CA play runs on localhost)") unless settings["limit"] == "all,localhost"
 fail.("Ansible groups #{settings['groups'].keys} miss mailservers/dns_servers/senders") unless
   %w[mailservers dns_servers senders].all? { |g| settings["groups"].key?(g) }
 puts "vagrant/Vagrantfile: #{vms.size} VMs (#{vms.keys.join(', ')}), addresses from the inventory, one Ansible run of #{File.basename(settings['playbook'])}"
