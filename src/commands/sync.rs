@@ -1,28 +1,19 @@
 //! `relaymove sync SRC DEST`: make DEST an exact, verified mirror of SRC, locally or over SSH.
 //!
-//! The controller drives four phases, each an agent command on the host that owns the data:
-//! scan both sides → hash rename candidates → plan (here) → send | receive, relaying the
-//! stream through this process (so remote→remote works without host-to-host SSH or agent
-//! forwarding).
+//! The phases (scan, hash, plan, stream) are `remote::mirror`; this file reads the options,
+//! starts one agent per side and renders the outcome.
 
 use crate::remote::agent::{Agent, Host, SshOptions};
 use crate::remote::endpoint::Endpoint;
-use crate::remote::protocol::{
-    read_chunk_async, read_frame_async, Hashes, ReceiveEvent, Reply, Request, CHUNK,
-};
-use crate::report::progress::Progress;
-use crate::sync::manifest::{display_path, Digest, Manifest};
-use crate::sync::plan::{self, Plan, PlanOptions, ReuseMode};
-use crate::sync::receive::ReceiveStats;
-use anyhow::{anyhow, bail, Context, Result};
+use crate::remote::mirror::{mirror, MirrorOptions, MirrorOutcome, Side};
+use crate::sync::manifest::display_path;
+use crate::sync::plan::{Plan, ReuseMode};
+use anyhow::{anyhow, Context, Result};
 use clap::Args;
 use serde::Serialize;
-use std::collections::HashMap;
 use std::io::Write;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tokio::io::AsyncWriteExt;
 
 /// Make DEST an exact, verified mirror of SRC (like `rsync -aH --delete SRC/ DEST/`).
 ///
@@ -165,8 +156,17 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
     let connected = start.elapsed();
     let (sa, da) = tokio::join!(Agent::start(&src), Agent::start(&dest));
     let (mut src_agent, mut dest_agent) = (sa?, da?);
-    let phases = run_phases(
-        &cmd,
+    let opts = MirrorOptions {
+        delete: !cmd.no_delete,
+        checksum: cmd.checksum,
+        excludes: cmd.exclude.clone(),
+        allow_empty_source: cmd.allow_empty_source,
+        dry_run: cmd.dry_run,
+        level,
+        tee_stream: cmd.tee_stream.clone(),
+        progress: !cmd.quiet && !cmd.no_progress,
+    };
+    let mirrored = mirror(
         Side {
             agent: &mut src_agent,
             root: &src_root,
@@ -175,19 +175,19 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
             agent: &mut dest_agent,
             root: &dest_root,
         },
-        level,
+        &opts,
     )
     .await;
     // Close both agents either way; an agent's own complaint (it crashed, say) is added to
     // the error.
     let (src_closed, dest_closed) = tokio::join!(src_agent.close(), dest_agent.close());
-    let Phases {
-        src_m,
+    let MirrorOutcome {
+        src: src_m,
         plan,
         stats,
         scanned,
         planned,
-    } = match phases {
+    } = match mirrored {
         Ok(p) => {
             src_closed?;
             dest_closed?;
@@ -203,6 +203,9 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
             return Err(anyhow!(message));
         }
     };
+    if (cmd.dry_run || cmd.verbose) && !cmd.json {
+        print_plan(&plan)?;
+    }
     src.close().await;
     dest.close().await;
     let transferred = start.elapsed();
@@ -342,209 +345,4 @@ fn print_plan(plan: &Plan) -> Result<()> {
         writeln!(out, "attrs   {}/", display_path(&d.path))?;
     }
     Ok(())
-}
-
-/// What the phases produce, for the report.
-struct Phases {
-    src_m: Manifest,
-    plan: Plan,
-    stats: ReceiveStats,
-    scanned: std::time::Duration,
-    planned: std::time::Duration,
-}
-
-/// One end of a sync: its agent and the tree's root on that host.
-struct Side<'a> {
-    agent: &'a mut Agent,
-    root: &'a Path,
-}
-
-fn root_bytes(p: &Path) -> Vec<u8> {
-    p.as_os_str().as_bytes().to_vec()
-}
-
-async fn run_phases(cmd: &SyncCmd, src: Side<'_>, dest: Side<'_>, level: i32) -> Result<Phases> {
-    let start = Instant::now();
-    let scan = |root: &Path| Request::Scan {
-        root: root_bytes(root),
-        checksum: cmd.checksum,
-        excludes: cmd.exclude.clone(),
-    };
-    let (src_scan, dest_scan) = (scan(src.root), scan(dest.root));
-    let (s, d) = tokio::join!(
-        src.agent.call::<Manifest>(&src_scan),
-        dest.agent.call::<Manifest>(&dest_scan)
-    );
-    let mut src_m = s.with_context(|| format!("scanning SRC {}", cmd.src))?;
-    let mut dest_m = d.with_context(|| format!("scanning DEST {}", cmd.dest))?;
-    if !src_m.root_exists && !cmd.allow_empty_source {
-        bail!(
-            "SRC {} does not exist on {}; nothing was changed\nhint: check the path; pass --allow-empty-source to empty DEST",
-            src.root.display(),
-            src.agent.label()
-        );
-    }
-    let scanned = start.elapsed();
-    let opts = PlanOptions {
-        delete: !cmd.no_delete,
-        checksum: cmd.checksum,
-        allow_empty_source: cmd.allow_empty_source,
-    };
-    let request = plan::hash_request(&src_m, &dest_m, &opts);
-    if !request.src.is_empty() {
-        let hash = |root: &Path, paths: Vec<Vec<u8>>| Request::Hash {
-            root: root_bytes(root),
-            paths,
-        };
-        let (src_hash, dest_hash) = (hash(src.root, request.src), hash(dest.root, request.dest));
-        let (hs, hd) = tokio::join!(
-            src.agent.call::<Hashes>(&src_hash),
-            dest.agent.call::<Hashes>(&dest_hash)
-        );
-        fill_hashes(&mut src_m, hs?);
-        fill_hashes(&mut dest_m, hd?);
-    }
-    let plan = plan::build(&src_m, &dest_m, &opts)
-        .with_context(|| format!("planning {} → {}", cmd.src, cmd.dest))?;
-    if (cmd.dry_run || cmd.verbose) && !cmd.json {
-        print_plan(&plan)?;
-    }
-    let planned = start.elapsed();
-    let stats = if cmd.dry_run || plan.is_empty() {
-        ReceiveStats::default()
-    } else {
-        let enabled = !cmd.quiet && !cmd.no_progress;
-        let mut progress =
-            Progress::new(enabled, plan.stats.files_to_send, plan.stats.bytes_to_send);
-        let tee = match &cmd.tee_stream {
-            Some(path) => Some(
-                tokio::fs::File::create(path)
-                    .await
-                    .with_context(|| format!("creating {}", path.display()))?,
-            ),
-            None => None,
-        };
-        let result = transfer(src, dest, &plan, level, tee, &mut progress).await;
-        progress.finish();
-        result.map_err(|e| {
-            anyhow!(
-                "sync {} → {} failed: {e:#}\nhint: every path in DEST holds its old or its new \
-                 version, never a partial file; run the same command again to finish",
-                cmd.src,
-                cmd.dest
-            )
-        })?
-    };
-    Ok(Phases {
-        src_m,
-        plan,
-        stats,
-        scanned,
-        planned,
-    })
-}
-
-fn fill_hashes(m: &mut Manifest, hashes: Hashes) {
-    let map: HashMap<Vec<u8>, Digest> = hashes
-        .into_iter()
-        .filter_map(|(p, d)| d.map(|d| (p, d)))
-        .collect();
-    for e in &mut m.entries {
-        if let Some(d) = map.get(&e.path) {
-            e.hash = Some(*d);
-        }
-    }
-}
-
-/// Sends the plan's entries from `from` to `to`, relaying the stream through this process.
-async fn transfer(
-    from: Side<'_>,
-    to: Side<'_>,
-    plan: &Plan,
-    level: i32,
-    mut tee: Option<tokio::fs::File>,
-    progress: &mut Progress,
-) -> Result<ReceiveStats> {
-    let (sender, receiver) = (from.agent, to.agent);
-    let (sender_label, receiver_label) = (sender.label().to_string(), receiver.label().to_string());
-    receiver
-        .send(&Request::Receive {
-            root: root_bytes(to.root),
-            plan: plan.clone(),
-        })
-        .await?;
-    sender
-        .send(&Request::Send {
-            root: root_bytes(from.root),
-            items: plan.send.clone(),
-            level,
-        })
-        .await?;
-    let receiver_input = &mut receiver.input;
-    let receiver_output = &mut receiver.output;
-    let sender_output = &mut sender.output;
-    let relay = async {
-        let mut buf = Vec::with_capacity(CHUNK);
-        let relayed: Result<()> = async {
-            loop {
-                let more = read_chunk_async(sender_output, &mut buf)
-                    .await
-                    .with_context(|| format!("reading the stream from {sender_label}"))?;
-                let input = receiver_input
-                    .as_mut()
-                    .ok_or_else(|| anyhow!("bug: receiver input closed"))?;
-                input
-                    .write_all(&(buf.len() as u32).to_le_bytes())
-                    .await
-                    .with_context(|| format!("writing the stream to {receiver_label}"))?;
-                if !more {
-                    input.flush().await?;
-                    break;
-                }
-                input
-                    .write_all(&buf)
-                    .await
-                    .with_context(|| format!("writing the stream to {receiver_label}"))?;
-                if let Some(file) = tee.as_mut() {
-                    file.write_all(&buf).await.context("writing --tee-stream")?;
-                }
-            }
-            if let Some(file) = tee.as_mut() {
-                file.flush().await.context("writing --tee-stream")?;
-            }
-            let sent: Reply<()> = read_frame_async(sender_output)
-                .await
-                .with_context(|| format!("reading the sender's result from {sender_label}"))?;
-            sent.map_err(|msg| anyhow!("{msg}"))
-                .with_context(|| format!("sending from {sender_label}"))
-        }
-        .await;
-        if relayed.is_err() {
-            // The receiver then sees its input end mid-stream, cleans up and reports.
-            *receiver_input = None;
-        }
-        relayed
-    };
-    let total_files = plan.stats.files_to_send;
-    let watch = async {
-        loop {
-            match read_frame_async::<ReceiveEvent>(receiver_output).await {
-                Ok(ReceiveEvent::Progress(p)) => progress.update(&p, total_files),
-                Ok(ReceiveEvent::Done(stats)) => return Ok(stats),
-                Ok(ReceiveEvent::Failed(message)) => return Err(anyhow!("{message}")),
-                Err(e) => return Err(e.context(format!("lost the connection to {receiver_label}"))),
-            }
-        }
-    };
-    let (relayed, received) = tokio::join!(relay, watch);
-    match (relayed, received) {
-        (Ok(()), Ok(stats)) => Ok(stats),
-        // The sender's failure is the cause; the receiver's message says what DEST holds.
-        (Err(cause), Err(dest_state)) => Err(cause.context(format!("{dest_state:#}"))),
-        (Err(cause), Ok(_)) => Err(cause),
-        (Ok(()), Err(e)) => Err(e.context(format!(
-            "receiving into {} on {receiver_label}",
-            to.root.display()
-        ))),
-    }
 }

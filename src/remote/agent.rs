@@ -9,7 +9,7 @@
 //! The agent lives at `/var/lib/relaymove/bin/relaymove-<sha256>` (root-only) or, for other
 //! users, under `~/.local/lib/relaymove/bin/`. It is uploaded only when absent or different.
 
-use crate::remote::endpoint::RemotePath;
+use crate::remote::endpoint::{parse_ssh_target, RemotePath};
 use crate::remote::protocol::{Hello, PROTOCOL};
 use anyhow::{anyhow, bail, Context, Result};
 use openssh::{KnownHosts, Session, SessionBuilder, Stdio};
@@ -21,6 +21,33 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::task::JoinHandle;
+
+/// A command run on a host that did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// It ran and exited non-zero: callers may branch on the status.
+    #[error("`{command}` on {host} failed (exit status {status}){}", if stderr.is_empty() { String::new() } else { format!(": {stderr}") })]
+    Failed {
+        host: String,
+        command: String,
+        status: i32,
+        stderr: String,
+    },
+    /// It could not run, or its connection broke: the host's state is unknown.
+    #[error("running `{command}` on {host}: {detail}")]
+    Unreachable {
+        host: String,
+        command: String,
+        detail: String,
+    },
+}
+
+/// What a command printed, and its exit status.
+pub struct Ran {
+    pub status: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
 
 #[derive(Debug, Clone, Default)]
 pub struct SshOptions {
@@ -215,6 +242,64 @@ impl Host {
                 ))
             }
         }
+    }
+
+    /// Connects to a host given as a config's `ssh = "[user@]host[:port]"`.
+    pub async fn connect_target(target: &str, opts: &SshOptions) -> Result<Host> {
+        let remote = parse_ssh_target(target).map_err(|e| anyhow!("ssh target {e}"))?;
+        Host::connect(&remote, opts).await
+    }
+
+    /// Runs `argv` on the host (each argument passed as it is, no shell) and returns its
+    /// stdout; a non-zero exit is `RunError::Failed` with what it printed on stderr.
+    pub async fn run(&self, argv: &[&str]) -> Result<String, RunError> {
+        let ran = self.run_status(argv).await?;
+        if ran.status == 0 {
+            Ok(ran.stdout)
+        } else {
+            Err(RunError::Failed {
+                host: self.label().to_string(),
+                command: argv.join(" "),
+                status: ran.status,
+                stderr: ran.stderr.trim().to_string(),
+            })
+        }
+    }
+
+    /// Runs `argv` and returns its exit status and output whatever the status.
+    pub async fn run_status(&self, argv: &[&str]) -> Result<Ran, RunError> {
+        let unreachable = |detail: String| RunError::Unreachable {
+            host: self.label().to_string(),
+            command: argv.join(" "),
+            detail,
+        };
+        let (program, args) = argv
+            .split_first()
+            .ok_or_else(|| unreachable("bug: empty command".into()))?;
+        let out = match self {
+            Host::Local { .. } => tokio::process::Command::new(program)
+                .args(args)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .await
+                .map_err(|e| unreachable(e.to_string()))?,
+            Host::Remote { session, .. } => session
+                .command(*program)
+                .args(args.iter().copied())
+                .stdin(Stdio::null())
+                .output()
+                .await
+                .map_err(|e| unreachable(e.to_string()))?,
+        };
+        // ssh reports a lost connection as 255 with nothing from the command itself.
+        let status = out.status.code().ok_or_else(|| {
+            unreachable("the command was killed or the connection was lost".into())
+        })?;
+        Ok(Ran {
+            status,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
     }
 
     pub async fn close(self) {

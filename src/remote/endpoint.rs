@@ -91,6 +91,18 @@ impl Endpoint {
     }
 }
 
+/// A config's `ssh = "[user@]host[:port]"` (IPv6 hosts in brackets), as the host part of a
+/// remote endpoint with `/` as its path.
+pub fn parse_ssh_target(s: &str) -> Result<RemotePath, String> {
+    if s.is_empty() || s.contains('/') {
+        return Err(format!("{s:?}: expected [user@]host[:port]"));
+    }
+    match Endpoint::parse(&format!("{s}:/"))? {
+        Endpoint::Remote(r) => Ok(r),
+        Endpoint::Local(_) => Err(format!("{s:?}: expected [user@]host[:port]")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,6 +146,20 @@ mod tests {
             Endpoint::parse("u@[2001:db8::1]:22:/x").unwrap(),
             remote(Some("u"), "2001:db8::1", Some(22), "/x")
         );
+    }
+
+    #[test]
+    fn parses_ssh_targets_of_the_config() {
+        assert_eq!(
+            Endpoint::Remote(parse_ssh_target("root@old.example.org:2222").unwrap()),
+            remote(Some("root"), "old.example.org", Some(2222), "/")
+        );
+        assert_eq!(
+            Endpoint::Remote(parse_ssh_target("[2001:db8::1]").unwrap()),
+            remote(None, "2001:db8::1", None, "/")
+        );
+        assert!(parse_ssh_target("old:/x").is_err());
+        assert!(parse_ssh_target("").is_err());
     }
 
     #[test]

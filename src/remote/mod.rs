@@ -3,4 +3,5 @@
 
 pub mod agent;
 pub mod endpoint;
+pub mod mirror;
 pub mod protocol;
