@@ -13,6 +13,10 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    Plan(crate::commands::migrate::PlanCmd),
+    Migrate(crate::commands::migrate::MigrateCmd),
+    Status(crate::commands::migrate::StatusCmd),
+    Rollback(crate::commands::migrate::RollbackCmd),
     Sync(crate::commands::sync::SyncCmd),
     Dns(crate::commands::dns::DnsCmd),
     #[command(hide = true)]

@@ -4,6 +4,8 @@
 //!
 //! ```toml
 //! domain = "mail.example.org"          # the mail domain; its A/AAAA move to the new host
+//! profile = "chatmail"                 # what moves: "chatmail" or "classic" (Postfix + Dovecot + OpenDKIM)
+//! ssh_config = "/root/.ssh/config"     # optional: used instead of ~/.ssh/config
 //!
 //! [hosts.old]
 //! ssh = "root@old.example.org"
@@ -22,6 +24,11 @@
 //! tsig_key = "relaymove."
 //! tsig_algorithm = "hmac-sha256"       # or hmac-sha512
 //! tsig_secret_file = "/etc/relaymove/tsig.secret"
+//!
+//! [migrate]                            # optional
+//! configure_command = ["cmdeploy", "run", "--ssh-host", "{new}"]  # run on this machine before old stops
+//! extra_trees = ["/etc/mailman3"]      # more directories to move, as they are
+//! mail_root = "/var/vmail"             # classic: where the Maildirs are
 //! ```
 
 use anyhow::{bail, Context, Result};
@@ -35,11 +42,41 @@ use std::path::{Path, PathBuf};
 pub struct Config {
     /// The mail domain: the name whose A and AAAA records point at the mail server.
     pub domain: String,
+    /// What a migration moves (trees, units, checks).
+    #[serde(default)]
+    pub profile: ProfileName,
+    /// ssh_config file used instead of `~/.ssh/config` (relative: to this file's directory).
+    pub ssh_config: Option<PathBuf>,
     pub hosts: Hosts,
     pub dns: DnsConfig,
+    #[serde(default)]
+    pub migrate: MigrateConfig,
     /// Where the file was read from; state files go beside it.
     #[serde(skip)]
     pub path: PathBuf,
+}
+
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ProfileName {
+    /// A chatmail relay deployed by cmdeploy.
+    #[default]
+    Chatmail,
+    /// Debian's Postfix + Dovecot + OpenDKIM with ACME certificates.
+    Classic,
+}
+
+#[derive(Deserialize, Debug, Clone, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateConfig {
+    /// Run on the controller after new is stopped and before old is disabled; `{new}` and
+    /// `{old}` in an argument become the hosts' ssh targets.
+    pub configure_command: Option<Vec<String>>,
+    /// More directories moved like the profile's own (absolute paths).
+    #[serde(default)]
+    pub extra_trees: Vec<PathBuf>,
+    /// classic: the directory holding the Maildirs (default /var/vmail).
+    pub mail_root: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Debug, Clone)]
@@ -144,6 +181,10 @@ impl Config {
         })?;
         let mut config = Config::parse(&text).with_context(|| format!("in {}", path.display()))?;
         config.path = path.to_path_buf();
+        if let Some(ssh) = &config.ssh_config {
+            let dir = path.parent().unwrap_or(Path::new("."));
+            config.ssh_config = Some(dir.join(ssh));
+        }
         Ok(config)
     }
 
@@ -192,19 +233,34 @@ impl Config {
             if host.addresses().is_empty() {
                 bail!("[hosts.{name}] needs ipv4, ipv6 or both: the addresses DNS points at");
             }
+            crate::remote::endpoint::parse_ssh_target(&host.ssh)
+                .map_err(|e| anyhow::anyhow!("[hosts.{name}] ssh: {e}"))?;
+        }
+        for tree in &self.migrate.extra_trees {
+            if !tree.is_absolute() || tree.parent().is_none() {
+                bail!(
+                    "[migrate] extra_trees: {} must be an absolute path below /",
+                    tree.display()
+                );
+            }
         }
         Ok(())
     }
 
-    /// Where DNS staging state is kept: beside the config file.
-    pub fn state_path(&self) -> PathBuf {
+    /// A file beside the config: `relaymove.toml` + `suffix`.
+    pub fn beside(&self, suffix: &str) -> PathBuf {
         let mut name = self
             .path
             .file_name()
             .map(|n| n.to_os_string())
             .unwrap_or_else(|| "relaymove.toml".into());
-        name.push(".dns-state.json");
+        name.push(suffix);
         self.path.with_file_name(name)
+    }
+
+    /// Where DNS staging state is kept: beside the config file.
+    pub fn state_path(&self) -> PathBuf {
+        self.beside(".dns-state.json")
     }
 }
 
@@ -286,6 +342,18 @@ tsig_secret_file = "/x"
         let text = GOOD.replace("ipv4 = \"198.51.100.10\"", "ipv4 = 5");
         let err = format!("{:#}", Config::parse(&text).unwrap_err());
         assert!(err.contains("line 5") && err.contains("ipv4"), "{err}");
+    }
+
+    #[test]
+    fn profile_defaults_to_chatmail_and_ssh_targets_are_checked() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.profile, ProfileName::Chatmail);
+        let text = GOOD.replace("ssh = \"root@new\"", "ssh = \"root@new:/x\"");
+        let err = format!("{:#}", Config::parse(&text).unwrap_err());
+        assert!(err.contains("[hosts.new] ssh"), "{err}");
+        let text = GOOD.replace("[dns]", "[migrate]\nextra_trees = [\"etc\"]\n[dns]");
+        let err = format!("{:#}", Config::parse(&text).unwrap_err());
+        assert!(err.contains("extra_trees"), "{err}");
     }
 
     #[test]

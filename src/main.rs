@@ -7,6 +7,7 @@ mod cli;
 mod commands;
 mod config;
 mod dns;
+mod migrate;
 mod remote;
 mod report;
 mod sync;

@@ -42,6 +42,8 @@ pub fn run(cmd: AgentCmd) -> Result<i32> {
     let mut input = io::stdin();
     let stdout = io::stdout();
     write_frame(&mut stdout.lock(), &Hello { protocol: PROTOCOL })?;
+    // Locks taken for the controller; the kernel releases them when this process ends.
+    let mut held = Vec::new();
     while let Some(request) = read_frame_opt::<Request>(&mut input)? {
         let mut out = stdout.lock();
         match request {
@@ -63,6 +65,10 @@ pub fn run(cmd: AgentCmd) -> Result<i32> {
                 // The end marker goes out even after a failure, so the stream stays in step.
                 chunks.finish()?;
                 write_frame(&mut out, &text(sent))?;
+            }
+            Request::Lock { path: file } => {
+                let locked = lock(path(&file)).map(|l| held.push(l));
+                write_frame(&mut out, &text(locked))?;
             }
             Request::Receive { root, plan } => {
                 drop(out);
@@ -88,6 +94,39 @@ fn path(bytes: &[u8]) -> &Path {
 
 fn text<T>(r: Result<T>) -> Reply<T> {
     r.map_err(|e| format!("{e:#}"))
+}
+
+/// Locks `file` exclusively without waiting and writes this process's id into it, so
+/// that a second controller is told who holds it.
+fn lock(file: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    use nix::fcntl::{Flock, FlockArg};
+    use std::io::{Read, Seek};
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(file)
+        .with_context(|| format!("opening the lock file {}", file.display()))?;
+    let mut locked = match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+        Ok(l) => l,
+        Err((mut f, _)) => {
+            let mut holder = String::new();
+            let _ = f.read_to_string(&mut holder);
+            anyhow::bail!(
+                "another relaymove holds {} (agent pid {}); two migrations must not interleave\nhint: wait for it, or end it (the lock goes with its process)",
+                file.display(),
+                holder.trim()
+            );
+        }
+    };
+    locked.set_len(0)?;
+    locked.rewind()?;
+    write!(locked, "{}", std::process::id())?;
+    Ok(locked)
 }
 
 fn do_scan(root: &Path, opts: ScanOptions) -> Result<Manifest> {

@@ -1,13 +1,13 @@
 //! `relaymove dns …`: look at, stage and switch the mail domain's DNS.
 
 use crate::config::Config;
-use crate::dns::change::{self, now_unix, StagingState};
-use crate::dns::checks::{self, Level};
+use crate::dns::change::{self, describe, now_unix, Direction, StagingState};
+use crate::dns::checks;
+use crate::report::finding::Level;
 use crate::dns::server::Server;
 use crate::dns::status::{self, agreement, Names, ServerView};
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
-use hickory_proto::rr::RecordType;
 use serde::Serialize;
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -68,8 +68,8 @@ pub fn run(cmd: DnsCmd) -> Result<i32> {
                 lower_ttl(&config, to.unwrap_or(config.dns.low_ttl), cmd.json).await
             }
             DnsAction::RaiseTtl { to } => raise_ttl(&config, to, cmd.json).await,
-            DnsAction::Cutover => switch(&config, true, cmd.json).await,
-            DnsAction::Rollback => switch(&config, false, cmd.json).await,
+            DnsAction::Cutover => switch(&config, Direction::Cutover, cmd.json).await,
+            DnsAction::Rollback => switch(&config, Direction::Rollback, cmd.json).await,
             DnsAction::Check => check(&config, cmd.json).await,
         }
     })
@@ -263,27 +263,6 @@ struct ChangeReport {
     old_answers_until: Option<u64>,
 }
 
-fn describe(changes: &[crate::dns::update::RrsetChange]) -> Vec<String> {
-    changes
-        .iter()
-        .map(|c| {
-            let v = |rs: &[hickory_proto::rr::Record]| {
-                rs.iter()
-                    .map(|r| format!("{} (TTL {})", r.data, r.ttl))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
-            format!(
-                "{} {}: [{}] → [{}]",
-                c.rtype,
-                c.name,
-                v(&c.current),
-                v(&c.desired)
-            )
-        })
-        .collect()
-}
-
 fn print_change(report: &ChangeReport, json: bool) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(report)?);
@@ -305,59 +284,26 @@ fn print_change(report: &ChangeReport, json: bool) -> Result<()> {
     Ok(())
 }
 
-async fn switch(config: &Config, cutover: bool, json: bool) -> Result<i32> {
-    let names = Names::of(config)?;
-    let authorities = status::authorities(config, &names).await?;
-    let primary = change::primary(config, &authorities)?;
-    let server = Server::new(primary, None);
-    let (from, to) = if cutover {
-        (&config.hosts.old, &config.hosts.new)
-    } else {
-        (&config.hosts.new, &config.hosts.old)
-    };
-    let mut changes = Vec::new();
-    for (rtype, f, t) in [
-        (
-            RecordType::A,
-            from.ipv4.map(IpAddr::V4),
-            to.ipv4.map(IpAddr::V4),
-        ),
-        (
-            RecordType::AAAA,
-            from.ipv6.map(IpAddr::V6),
-            to.ipv6.map(IpAddr::V6),
-        ),
-    ] {
-        let current = change::current(&server, &names, rtype).await?;
-        if let Some(c) = change::plan_swap(&names.domain, rtype, current, f, t, config.dns.low_ttl)?
-        {
-            changes.push(c);
-        }
-    }
-    let action = if cutover { "cutover" } else { "rollback" };
-    if changes.is_empty() {
+async fn switch(config: &Config, direction: Direction, json: bool) -> Result<i32> {
+    let Some(switched) = change::switch(config, direction, json).await? else {
         if !json {
             println!(
                 "{} already points at the {} host; nothing to do",
-                names.domain,
-                if cutover { "new" } else { "old" }
+                config.domain,
+                match direction {
+                    Direction::Cutover => "new",
+                    Direction::Rollback => "old",
+                }
             );
         }
         return Ok(0);
-    }
-    let old_ttl = changes
-        .iter()
-        .flat_map(|c| c.current.iter().map(|r| r.ttl))
-        .max();
-    change::apply(config, &names, primary, &changes, action).await?;
-    let applied = now_unix();
-    let took = change::wait_for(config, &authorities, &changes, json).await?;
+    };
     print_change(
         &ChangeReport {
-            action,
-            changed: describe(&changes),
-            propagation_s: took.as_secs_f64(),
-            old_answers_until: old_ttl.map(|t| applied + u64::from(t)),
+            action: direction.action(),
+            changed: switched.changed,
+            propagation_s: switched.propagation_s,
+            old_answers_until: switched.old_answers_until,
         },
         json,
     )?;
@@ -463,12 +409,7 @@ async fn check(config: &Config, json: bool) -> Result<i32> {
         println!("{}", serde_json::to_string_pretty(&findings)?);
     } else {
         for f in &findings {
-            let level = match f.level {
-                Level::Ok => "ok  ",
-                Level::Warn => "warn",
-                Level::Fail => "FAIL",
-            };
-            println!("{level}  {}: {}", f.check, f.detail);
+            println!("{}  {}: {}", f.level.tag(), f.check, f.detail);
             if let Some(fix) = &f.fix {
                 println!("      fix: {fix}");
             }

@@ -314,6 +314,123 @@ pub async fn wait_for(
     }
 }
 
+/// Which way the mail domain's addresses move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// From the old host's addresses to the new host's.
+    Cutover,
+    /// Back from the new host's addresses to the old host's.
+    Rollback,
+}
+
+impl Direction {
+    pub fn action(self) -> &'static str {
+        match self {
+            Direction::Cutover => "cutover",
+            Direction::Rollback => "rollback",
+        }
+    }
+}
+
+/// A switch that was applied and is served by every authoritative server.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Switched {
+    pub changed: Vec<String>,
+    /// Seconds until every authoritative server served the change.
+    pub propagation_s: f64,
+    /// Until when resolvers may still hand out the previous answer (Unix seconds).
+    pub old_answers_until: Option<u64>,
+}
+
+/// How many RRsets `switch` would change (0: the zone already points where `direction`
+/// leads). Changes nothing.
+pub async fn pending(config: &Config, direction: Direction) -> Result<usize> {
+    Ok(plan_switch(config, direction).await?.3.len())
+}
+
+/// The changes `switch` would make, one line each (`describe`). Changes nothing.
+pub async fn plan_changes(config: &Config, direction: Direction) -> Result<Vec<String>> {
+    Ok(describe(&plan_switch(config, direction).await?.3))
+}
+
+/// The RRset changes that move the domain's A/AAAA in `direction`, read from the primary.
+async fn plan_switch(
+    config: &Config,
+    direction: Direction,
+) -> Result<(Names, Vec<SocketAddr>, SocketAddr, Vec<RrsetChange>)> {
+    let names = Names::of(config)?;
+    let authorities = crate::dns::status::authorities(config, &names).await?;
+    let primary = primary(config, &authorities)?;
+    let server = Server::new(primary, None);
+    let (from, to) = match direction {
+        Direction::Cutover => (&config.hosts.old, &config.hosts.new),
+        Direction::Rollback => (&config.hosts.new, &config.hosts.old),
+    };
+    let mut changes = Vec::new();
+    for (rtype, f, t) in [
+        (
+            RecordType::A,
+            from.ipv4.map(IpAddr::V4),
+            to.ipv4.map(IpAddr::V4),
+        ),
+        (
+            RecordType::AAAA,
+            from.ipv6.map(IpAddr::V6),
+            to.ipv6.map(IpAddr::V6),
+        ),
+    ] {
+        let now = current(&server, &names, rtype).await?;
+        if let Some(c) = plan_swap(&names.domain, rtype, now, f, t, config.dns.low_ttl)? {
+            changes.push(c);
+        }
+    }
+    Ok((names, authorities, primary, changes))
+}
+
+/// Swaps the domain's A/AAAA between the hosts' addresses (compare-and-swap at the
+/// primary), then waits until every authoritative server serves the result. `None` when
+/// the zone already points where `direction` leads.
+pub async fn switch(config: &Config, direction: Direction, quiet: bool) -> Result<Option<Switched>> {
+    let (names, authorities, primary, changes) = plan_switch(config, direction).await?;
+    if changes.is_empty() {
+        return Ok(None);
+    }
+    let old_ttl = changes
+        .iter()
+        .flat_map(|c| c.current.iter().map(|r| r.ttl))
+        .max();
+    apply(config, &names, primary, &changes, direction.action()).await?;
+    let applied = now_unix();
+    let took = wait_for(config, &authorities, &changes, quiet).await?;
+    Ok(Some(Switched {
+        changed: describe(&changes),
+        propagation_s: took.as_secs_f64(),
+        old_answers_until: old_ttl.map(|t| applied + u64::from(t)),
+    }))
+}
+
+/// One line per RRset change: `A name: [before] → [after]`.
+pub fn describe(changes: &[RrsetChange]) -> Vec<String> {
+    changes
+        .iter()
+        .map(|c| {
+            let v = |rs: &[hickory_proto::rr::Record]| {
+                rs.iter()
+                    .map(|r| format!("{} (TTL {})", r.data, r.ttl))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            format!(
+                "{} {}: [{}] → [{}]",
+                c.rtype,
+                c.name,
+                v(&c.current),
+                v(&c.desired)
+            )
+        })
+        .collect()
+}
+
 /// What TTL staging recorded, kept beside the config.
 #[derive(Serialize, Deserialize, Debug, Default, Clone, PartialEq, Eq)]
 pub struct StagingState {

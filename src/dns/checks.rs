@@ -6,6 +6,7 @@
 //! `ip4`, `ip6`, `redirect`, the 10-lookup limit), through the configured resolver.
 
 use crate::config::Config;
+use crate::report::finding::{Finding, Level};
 use crate::dns::server::Server;
 use crate::dns::status::{address, fqdn, resolver_addr, rrset, txt_value, Names};
 use anyhow::{anyhow, Context, Result};
@@ -15,33 +16,10 @@ use mail_auth::hickory_resolver::config::{
 };
 use mail_auth::spf::verify::SpfParameters;
 use mail_auth::{MessageAuthenticator, SpfResult};
-use serde::Serialize;
 use std::net::{IpAddr, SocketAddr};
 
-#[derive(Serialize, Debug, Clone, Copy, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum Level {
-    Ok,
-    Warn,
-    Fail,
-}
-
-#[derive(Serialize, Debug, Clone)]
-pub struct Finding {
-    pub check: String,
-    pub level: Level,
-    pub detail: String,
-    /// What to do when not ok.
-    pub fix: Option<String>,
-}
-
 fn finding(check: &str, level: Level, detail: String, fix: Option<String>) -> Finding {
-    Finding {
-        check: check.to_string(),
-        level,
-        detail,
-        fix,
-    }
+    Finding::new(check, level, detail, fix)
 }
 
 pub async fn run(config: &Config, names: &Names) -> Result<Vec<Finding>> {
@@ -139,6 +117,15 @@ async fn txt_at(server: &Server, name: &hickory_proto::rr::Name) -> Result<Vec<S
         .iter()
         .filter_map(|r| txt_value(&r.data))
         .collect())
+}
+
+/// The DKIM public key (`p=`) published for the configured selector, through the resolver.
+pub async fn published_dkim_key(config: &Config, names: &Names) -> Result<Option<String>> {
+    let server = Server::new(resolver_addr(config)?, None);
+    Ok(txt_at(&server, &names.dkim)
+        .await?
+        .iter()
+        .find_map(|t| dkim_p_tag(t)))
 }
 
 async fn dkim(config: &Config, server: &Server, names: &Names) -> Finding {

@@ -30,7 +30,7 @@ const MAX_FRAME: u64 = 8 << 30;
 pub const CHUNK: usize = 1 << 20;
 
 /// Changes whenever a message changes shape; the agent's file name pins the exact build.
-pub const PROTOCOL: u32 = 1;
+pub const PROTOCOL: u32 = 2;
 
 /// The agent's first frame: proof it started and speaks this protocol.
 #[derive(Serialize, Deserialize, Debug)]
@@ -58,6 +58,9 @@ pub enum Request {
         root: Vec<u8>,
         plan: Plan,
     },
+    /// Take an exclusive lock on a file of the host and hold it while the agent runs;
+    /// answered with `Reply<()>`, an error naming the holder when another process has it.
+    Lock { path: Vec<u8> },
 }
 
 /// An agent's answer: the value, or the error chain as text.

@@ -11,3 +11,4 @@ pub mod receive;
 pub mod scan;
 pub mod send;
 pub mod stream;
+pub mod verify;

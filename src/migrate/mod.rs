@@ -1,0 +1,627 @@
+//! `relaymove migrate`: the whole move as ordered, journaled, resumable steps.
+//!
+//! Each step observes (its plan, journaled before it changes anything), applies, and checks
+//! its own result before it is recorded done. Applying is idempotent, so a step that started
+//! and did not finish simply runs again. A step recorded done is re-checked against the hosts
+//! when it is the last one done, and redone when it no longer holds: what the hosts show
+//! beats what the journal says. State between steps lives in the journal, never in memory.
+
+pub mod journal;
+pub mod preflight;
+pub mod profile;
+pub mod rollback;
+pub mod services;
+pub mod trees;
+
+use crate::config::Config;
+use crate::dns::change::{self, Direction, StagingState};
+use crate::remote::agent::{Agent, Host, SshOptions};
+use crate::report::events::{Event, Reporter};
+use anyhow::{anyhow, bail, Context, Result};
+use journal::{Fingerprint, Journal, Record, StepState};
+use profile::Profile;
+use serde_json::{json, Value};
+use sha2::{Digest as _, Sha256};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The steps, in the order they run. Why this order:
+/// - preflight first: nothing changes before every finding is known.
+/// - presync while old still serves mail: the bulk moves without downtime; the final pass
+///   only carries what changed since.
+/// - prepare_new before disable_old: new's stock daemons must not accept mail, and the
+///   configure hook may take minutes, which must not count as downtime.
+/// - disable_old before final_sync: the trees and the queue must stop changing, or the
+///   final pass misses mail (and Dovecot's UID lists would diverge).
+/// - final_sync before dns_cutover: DNS moves only once new holds every byte, proven.
+/// - ownership after final_sync: it checks what the sync wrote.
+/// - dns_cutover before activate_new: if the DNS update fails, new has served nobody, and a
+///   rollback has no mail to carry back. One host is live at any time.
+/// - activate_new: OpenDKIM, then Dovecot (auth and LMTP sockets), then Postfix.
+/// - verify after activate: Dovecot's view is read on the running new host.
+/// - finish last: old stays intact and disabled for a rollback.
+pub const STEPS: [StepId; 10] = [
+    StepId::Preflight,
+    StepId::Presync,
+    StepId::PrepareNew,
+    StepId::DisableOld,
+    StepId::FinalSync,
+    StepId::Ownership,
+    StepId::DnsCutover,
+    StepId::ActivateNew,
+    StepId::Verify,
+    StepId::Finish,
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum StepId {
+    Preflight,
+    Presync,
+    PrepareNew,
+    DisableOld,
+    FinalSync,
+    Ownership,
+    DnsCutover,
+    ActivateNew,
+    Verify,
+    Finish,
+}
+
+impl StepId {
+    /// The journal key; never rename.
+    pub fn id(self) -> &'static str {
+        match self {
+            StepId::Preflight => "preflight",
+            StepId::Presync => "presync",
+            StepId::PrepareNew => "prepare_new",
+            StepId::DisableOld => "disable_old",
+            StepId::FinalSync => "final_sync",
+            StepId::Ownership => "ownership",
+            StepId::DnsCutover => "dns_cutover",
+            StepId::ActivateNew => "activate_new",
+            StepId::Verify => "verify",
+            StepId::Finish => "finish",
+        }
+    }
+
+    pub fn title(self) -> &'static str {
+        match self {
+            StepId::Preflight => "check both hosts, the DNS and the plan; change nothing",
+            StepId::Presync => "first copy of every tree while old serves mail (repeatable)",
+            StepId::PrepareNew => "new's mail daemons stopped; the configure hook, if any",
+            StepId::DisableOld => "old stops accepting mail: Postfix, then Dovecot and OpenDKIM, disabled",
+            StepId::FinalSync => "final pass of every tree and the Postfix queue, then proof by SHA-256",
+            StepId::Ownership => "owners by name on new, uid/gid mappings",
+            StepId::DnsCutover => "A/AAAA to new, on every authoritative server",
+            StepId::ActivateNew => "new starts: OpenDKIM, Dovecot, Postfix; ports, certificate, DKIM key",
+            StepId::Verify => "Dovecot's view on new against old's files; held mail",
+            StepId::Finish => "old stays disabled for rollback; when to raise the TTL",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<StepId> {
+        STEPS.iter().copied().find(|st| st.id() == s)
+    }
+
+    fn index(self) -> usize {
+        STEPS.iter().position(|s| *s == self).unwrap_or(0)
+    }
+}
+
+/// The names `--until` and `--from` accept, for messages.
+pub fn step_names() -> String {
+    STEPS.map(|s| s.id()).join(", ")
+}
+
+/// One host of the migration: its SSH session and, once needed, its agent.
+pub struct Node {
+    pub role: &'static str,
+    pub host: Host,
+    agent: Option<Agent>,
+}
+
+impl Node {
+    pub fn label(&self) -> String {
+        format!("{} ({})", self.role, self.host.label())
+    }
+
+    /// The host's agent, started on first use and kept for every later tree.
+    pub async fn agent(&mut self) -> Result<&mut Agent> {
+        if self.agent.is_none() {
+            self.agent = Some(Agent::start(&self.host).await?);
+        }
+        self.agent
+            .as_mut()
+            .ok_or_else(|| anyhow!("bug: agent not started"))
+    }
+
+    /// Runs `argv` on the host; a failure names the host and the command.
+    pub async fn run(&self, argv: &[&str]) -> Result<String> {
+        self.host
+            .run(argv)
+            .await
+            .map_err(|e| anyhow!("{}: {e}", self.role))
+    }
+
+    /// Runs `argv`; `Ok(false)` when it exits non-zero.
+    pub async fn test(&self, argv: &[&str]) -> Result<bool> {
+        let ran = self
+            .host
+            .run_status(argv)
+            .await
+            .map_err(|e| anyhow!("{}: {e}", self.role))?;
+        Ok(ran.status == 0)
+    }
+
+    pub async fn close(mut self) -> Result<()> {
+        let closed = match self.agent.take() {
+            Some(a) => a.close().await,
+            None => Ok(()),
+        };
+        self.host.close().await;
+        closed
+    }
+}
+
+/// What every step works with.
+pub struct Cx {
+    pub config: Config,
+    pub profile: Profile,
+    pub old: Node,
+    pub new: Node,
+    pub out: Reporter,
+    pub options: Options,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Go on to the cutover before the TTL staging says it is safe.
+    pub force_dns: bool,
+    /// No confirmation before mail goes down.
+    pub yes: bool,
+    /// Show sync progress.
+    pub progress: bool,
+}
+
+impl Cx {
+    /// Connects to both hosts (strict host keys, no agent forwarding).
+    pub async fn connect(config: Config, out: Reporter, options: Options) -> Result<Cx> {
+        let ssh = SshOptions {
+            config: config.ssh_config.clone(),
+        };
+        let (old, new) = tokio::join!(
+            Host::connect_target(&config.hosts.old.ssh, &ssh),
+            Host::connect_target(&config.hosts.new.ssh, &ssh)
+        );
+        let old = old.context("connecting to old")?;
+        let new = new.context("connecting to new")?;
+        Ok(Cx {
+            profile: Profile::of(&config),
+            config,
+            old: Node {
+                role: "old",
+                host: old,
+                agent: None,
+            },
+            new: Node {
+                role: "new",
+                host: new,
+                agent: None,
+            },
+            out,
+            options,
+        })
+    }
+
+    pub async fn close(self) -> Result<()> {
+        let (a, b) = tokio::join!(self.old.close(), self.new.close());
+        a.and(b)
+    }
+
+    /// What identifies this setup in the journal.
+    pub async fn fingerprint(&self) -> Result<Fingerprint> {
+        let (old_key, new_key) = tokio::join!(host_key(&self.old), host_key(&self.new));
+        let addrs = |h: &crate::config::HostConfig| {
+            h.addresses()
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+        };
+        Ok(Fingerprint {
+            domain: self.config.domain.clone(),
+            profile: format!("{:?}", self.config.profile).to_lowercase(),
+            old: self.config.hosts.old.ssh.clone(),
+            new: self.config.hosts.new.ssh.clone(),
+            old_addresses: addrs(&self.config.hosts.old),
+            new_addresses: addrs(&self.config.hosts.new),
+            old_host_key: old_key?,
+            new_host_key: new_key?,
+        })
+    }
+}
+
+/// SHA-256 of the host's ed25519 key as the host has it.
+async fn host_key(node: &Node) -> Result<String> {
+    let text = node
+        .run(&["cat", "/etc/ssh/ssh_host_ed25519_key.pub"])
+        .await
+        .with_context(|| format!("reading the host key of {}", node.label()))?;
+    let field = text.split_whitespace().nth(1).unwrap_or_default();
+    Ok(crate::sync::hash_cache::hex(&Sha256::digest(field.as_bytes())))
+}
+
+/// Where the journal of this config lives.
+pub fn journal_path(config: &Config) -> std::path::PathBuf {
+    config.beside(".journal")
+}
+
+/// Checks the journal's setup against this one, or records it for a new migration.
+pub async fn setup(cx: &Cx, journal: &mut Journal) -> Result<()> {
+    let now = cx.fingerprint().await?;
+    let recorded = journal.current().iter().find_map(|r| match r {
+        Record::Setup { fingerprint, .. } => Some(fingerprint.clone()),
+        _ => None,
+    });
+    match recorded {
+        Some(before) => {
+            let changes = before.changes(&now);
+            if !changes.is_empty() {
+                bail!(
+                    "the setup changed since this migration began ({}):\n  {}\nhint: put the config back as it was to resume; or roll back (`relaymove rollback`), or move the journal aside to start over",
+                    journal.path().display(),
+                    changes.join("\n  ")
+                );
+            }
+            Ok(())
+        }
+        None => journal.append(Record::Setup {
+            at: now_unix(),
+            fingerprint: now,
+        }),
+    }
+}
+
+pub fn now_unix() -> u64 {
+    change::now_unix()
+}
+
+/// How far to go.
+#[derive(Debug, Clone, Copy)]
+pub struct Range {
+    /// Run this step and all after it even if recorded done.
+    pub from: Option<StepId>,
+    /// Stop after this step.
+    pub until: StepId,
+}
+
+/// Runs the steps of `range`, resuming where the journal says the migration stands.
+/// Returns the last step that ran or was found done.
+pub async fn run(
+    cx: &mut Cx,
+    journal: &mut Journal,
+    range: Range,
+    stop: &Arc<AtomicBool>,
+) -> Result<()> {
+    setup(cx, journal).await?;
+    // A lock on old, held by its agent: a second controller (another config file, another
+    // machine) cannot interleave its steps with ours.
+    let agent = cx.old.agent().await?;
+    agent
+        .call::<()>(&crate::remote::protocol::Request::Lock {
+            path: b"/run/relaymove-migrate.lock".to_vec(),
+        })
+        .await
+        .context("locking the migration on old")?;
+    let last_done = STEPS
+        .iter()
+        .rev()
+        .find(|s| matches!(journal::state_of(journal.current(), s.id()), StepState::Done { .. }))
+        .copied();
+    for step in STEPS {
+        if step > range.until {
+            break;
+        }
+        if stop.load(Ordering::SeqCst) {
+            let hint = format!(
+                "run `relaymove migrate` again to continue{}",
+                if step > StepId::DisableOld {
+                    "; old is disabled, `relaymove rollback` returns service to it"
+                } else {
+                    ""
+                }
+            );
+            cx.out.emit(Event::Stopped {
+                after: "an interruption",
+                hint: &hint,
+            });
+            bail!("interrupted before {}", step.id());
+        }
+        let forced = range.from.is_some_and(|f| step >= f);
+        let state = journal::state_of(journal.current(), step.id());
+        let n = step.index() + 1;
+        cx.out.emit(Event::StepStarted {
+            step: step.id(),
+            title: step.title(),
+            n,
+            of: STEPS.len(),
+        });
+        if let StepState::Done { facts, .. } = &state {
+            if !forced {
+                if Some(step) != last_done {
+                    cx.out.emit(Event::StepSkipped {
+                        step: step.id(),
+                        reason: "a later step is done",
+                    });
+                    continue;
+                }
+                match still_holds(cx, step, facts).await? {
+                    None => {
+                        cx.out.emit(Event::StepSkipped {
+                            step: step.id(),
+                            reason: "recorded in the journal, and the hosts still show it",
+                        });
+                        continue;
+                    }
+                    Some(why) => cx.note(step, &format!("recorded done, but {why}: running it again")),
+                }
+            }
+        }
+        if step == StepId::DisableOld {
+            dns_gate(cx, stop).await?;
+            confirm(cx)?;
+        }
+        let started = Instant::now();
+        let plan = observe(cx, journal, step).await?;
+        journal.append(Record::Started {
+            at: now_unix(),
+            step: step.id().to_string(),
+            plan: plan.clone(),
+        })?;
+        match apply(cx, journal, step, &plan).await {
+            Ok(facts) => {
+                let summary = facts
+                    .get("summary")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string();
+                journal.append(Record::Done {
+                    at: now_unix(),
+                    step: step.id().to_string(),
+                    facts,
+                })?;
+                cx.out.emit(Event::StepDone {
+                    step: step.id(),
+                    elapsed_s: started.elapsed().as_secs_f64(),
+                    summary: &summary,
+                });
+            }
+            Err(e) => {
+                let error = format!("{e:#}");
+                journal.append(Record::Failed {
+                    at: now_unix(),
+                    step: step.id().to_string(),
+                    error: error.clone(),
+                })?;
+                cx.out.emit(Event::StepFailed {
+                    step: step.id(),
+                    error: &error,
+                });
+                let after = if step > StepId::DisableOld {
+                    "; old is disabled: `relaymove rollback` returns service to it"
+                } else {
+                    ""
+                };
+                bail!(
+                    "step {} failed: {error}\nhint: fix the cause, then run `relaymove migrate` again: it resumes at {}{after}",
+                    step.id(),
+                    step.id()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Cx {
+    pub fn note(&self, step: StepId, message: &str) {
+        self.out.note(step.id(), message);
+    }
+}
+
+/// What a step sees before it changes anything (journaled with its start).
+async fn observe(cx: &mut Cx, journal: &Journal, step: StepId) -> Result<Value> {
+    match step {
+        // Rollback restores what old ran before the migration touched it: the first
+        // observation, not the half-disabled state a re-run would see.
+        StepId::DisableOld => match journal::first_plan(journal.current(), step.id()) {
+            Some(first) => Ok(first.clone()),
+            None => services::observe_units(&cx.old, &cx.profile).await,
+        },
+        _ => Ok(Value::Null),
+    }
+}
+
+async fn apply(cx: &mut Cx, journal: &Journal, step: StepId, plan: &Value) -> Result<Value> {
+    match step {
+        StepId::Preflight => preflight::apply(cx).await,
+        StepId::Presync => trees::presync(cx).await,
+        StepId::PrepareNew => services::prepare_new(cx).await,
+        StepId::DisableOld => services::disable_old(cx, plan).await,
+        StepId::FinalSync => trees::final_sync(cx).await,
+        StepId::Ownership => trees::ownership(cx).await,
+        StepId::DnsCutover => dns_cutover(cx).await,
+        StepId::ActivateNew => services::activate_new(cx).await,
+        StepId::Verify => trees::verify(cx, journal).await,
+        StepId::Finish => finish(cx, journal).await,
+    }
+}
+
+/// `None` when what `step` did still holds on the hosts, else why not.
+async fn still_holds(cx: &mut Cx, step: StepId, facts: &Value) -> Result<Option<String>> {
+    match step {
+        StepId::PrepareNew => services::units_stopped(&cx.new, &cx.profile).await,
+        StepId::DisableOld => services::units_stopped(&cx.old, &cx.profile).await,
+        StepId::FinalSync => trees::still_equal(cx).await,
+        StepId::DnsCutover => Ok(match change::pending(&cx.config, Direction::Cutover).await? {
+            0 => None,
+            n => Some(format!("{n} record set(s) do not point at new")),
+        }),
+        StepId::ActivateNew => services::units_running(&cx.new, &cx.profile).await,
+        // Read-only or reporting steps: what they found is not undone by time.
+        _ => {
+            let _ = facts;
+            Ok(None)
+        }
+    }
+}
+
+/// Before mail goes down: the old TTL must have run out everywhere, or resolvers would keep
+/// sending mail to old for up to that TTL after the cutover. A short wait is waited out.
+async fn dns_gate(cx: &Cx, stop: &Arc<AtomicBool>) -> Result<()> {
+    /// Longer than this and the operator is told to come back.
+    const MAX_WAIT: u64 = 15 * 60;
+    let step = StepId::DisableOld;
+    if change::pending(&cx.config, Direction::Cutover).await? == 0 {
+        return Ok(());
+    }
+    let Some(staging) = StagingState::load(&cx.config.state_path())? else {
+        if cx.options.force_dns {
+            cx.note(step, "TTL not staged; going on because of --force-dns");
+            return Ok(());
+        }
+        bail!(
+            "the TTL of {} was not lowered: resolvers may keep sending mail to old for the whole current TTL after the cutover; nothing was changed\nhint: run `relaymove dns lower-ttl`, then `relaymove migrate` again after the time it prints (or pass --force-dns)",
+            cx.config.domain
+        );
+    };
+    let safe = staging.safe_cutover_at();
+    let now = now_unix();
+    if safe <= now {
+        return Ok(());
+    }
+    if cx.options.force_dns {
+        cx.note(step, "the old TTL has not run out yet; going on because of --force-dns");
+        return Ok(());
+    }
+    if safe - now > MAX_WAIT {
+        bail!(
+            "the cutover is safe only from {} (in {} min: the old TTL after `lower-ttl`, plus a margin); nothing was taken down\nhint: run `relaymove migrate` again then; the presync done so far is kept",
+            crate::commands::dns::utc(safe),
+            (safe - now).div_ceil(60)
+        );
+    }
+    cx.note(
+        step,
+        &format!(
+            "waiting {}s, until {}, for resolvers to drop the old TTL (Ctrl-C stops here, nothing is down yet)",
+            safe - now,
+            crate::commands::dns::utc(safe)
+        ),
+    );
+    while now_unix() < safe {
+        if stop.load(Ordering::SeqCst) {
+            bail!("interrupted while waiting for the TTL; nothing was taken down");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    Ok(())
+}
+
+/// Asks before the first step that takes mail down.
+fn confirm(cx: &Cx) -> Result<()> {
+    use std::io::{BufRead, IsTerminal, Write};
+    if cx.options.yes {
+        return Ok(());
+    }
+    if !std::io::stdin().is_terminal() {
+        bail!("the next step takes mail down on old, and there is no terminal to confirm it\nhint: pass --yes");
+    }
+    eprint!(
+        "\nold ({}) stops accepting mail now; new takes over after the final sync. Go on? [y/N] ",
+        cx.old.host.label()
+    );
+    std::io::stderr().flush().ok();
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    if matches!(answer.trim(), "y" | "Y" | "yes") {
+        Ok(())
+    } else {
+        bail!("not confirmed; nothing was taken down\nhint: run `relaymove migrate` again when ready")
+    }
+}
+
+async fn dns_cutover(cx: &mut Cx) -> Result<Value> {
+    let step = StepId::DnsCutover;
+    match change::switch(&cx.config, Direction::Cutover, cx.out.json()).await? {
+        None => Ok(json!({"summary": format!("{} already points at new", cx.config.domain)})),
+        Some(switched) => {
+            for line in &switched.changed {
+                cx.note(step, line);
+            }
+            Ok(json!({
+                "summary": format!("every authoritative server serves new's addresses ({:.1}s)", switched.propagation_s),
+                "switched": switched,
+            }))
+        }
+    }
+}
+
+async fn finish(cx: &mut Cx, journal: &Journal) -> Result<Value> {
+    let step = StepId::Finish;
+    // Two hosts must never both renew: old's acmetool would replace the certificate on
+    // the host that no longer serves it, and may change the account state.
+    for timer in ["acmetool.timer", "certbot.timer"] {
+        if cx.old.test(&["systemctl", "cat", timer]).await? {
+            cx.old
+                .run(&["systemctl", "disable", "--now", "--quiet", timer])
+                .await?;
+            cx.note(step, &format!("{timer} disabled on old"));
+        }
+    }
+    let until = match journal::state_of(journal.current(), StepId::DnsCutover.id()) {
+        StepState::Done { facts, .. } => facts
+            .pointer("/switched/old_answers_until")
+            .and_then(Value::as_u64),
+        _ => None,
+    };
+    let raise = match until {
+        Some(t) => format!(
+            "run `relaymove dns raise-ttl` after {} (resolvers may hold old's address until then)",
+            crate::commands::dns::utc(t)
+        ),
+        None => "run `relaymove dns raise-ttl` when you are sure you keep new".to_string(),
+    };
+    cx.note(step, &raise);
+    cx.note(
+        step,
+        "old stays as it is, mail disabled: `relaymove rollback` returns service to it",
+    );
+    Ok(json!({"summary": "moved", "raise_ttl": raise}))
+}
+
+/// Ctrl-C and SIGTERM set `stop`: the run ends at the next step boundary. A second one
+/// ends the process at once.
+pub fn stop_on_signals() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    tokio::spawn(async move {
+        let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            if flag.swap(true, Ordering::SeqCst) {
+                eprintln!("relaymove: interrupted again: stopping now; run `relaymove migrate` to resume");
+                std::process::exit(130);
+            }
+            eprintln!("relaymove: interrupted: stopping after the current step (Ctrl-C again to stop at once)");
+        }
+    });
+    stop
+}

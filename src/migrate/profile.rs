@@ -1,0 +1,162 @@
+//! What a move carries for each kind of mail server: the trees, who must own them, the
+//! Postfix queue and its excludes, and the units in the order they stop and start.
+//! The knowledge lives here and nowhere else (sources: research/migrate.md §1.4 and §3).
+
+use crate::config::{Config, ProfileName};
+use std::path::PathBuf;
+
+/// A directory that moves as it is (contents, owners by name, modes, mtimes, links).
+#[derive(Debug, Clone)]
+pub struct Tree {
+    pub path: PathBuf,
+    /// Must exist on old; a missing optional tree is skipped and said so.
+    pub required: bool,
+    /// Why it moves, for `plan`.
+    pub why: &'static str,
+    /// The owner (`user:group`) its root must have on both hosts.
+    pub owner: Option<&'static str>,
+}
+
+/// A file whose owner the move must keep, checked after the final sync.
+#[derive(Debug, Clone)]
+pub struct Owned {
+    pub path: PathBuf,
+    pub owner: &'static str,
+}
+
+pub struct Profile {
+    pub name: ProfileName,
+    pub trees: Vec<Tree>,
+    /// Files whose owner matters to a daemon (OpenDKIM refuses a key it does not own).
+    pub owned: Vec<Owned>,
+    /// Users and groups whose ids may differ between the hosts; reported.
+    pub accounts: &'static [&'static str],
+    /// `/var/spool/postfix`: moved in the final sync only, Postfix stopped on both hosts.
+    pub queue: PathBuf,
+    /// What under the queue is not queue: Postfix's chroot copies (dev, etc, lib, usr), its
+    /// sockets (private, public, and OpenDKIM's) and the pid directory. Excluded paths are
+    /// neither sent nor deleted, so new keeps its own.
+    pub queue_excludes: &'static [&'static str],
+    /// Units in stop order. Postfix first: it stops accepting mail while Dovecot still
+    /// takes the last LMTP deliveries of the queue; OpenDKIM last.
+    pub stop_order: &'static [&'static str],
+    /// Units in start order: OpenDKIM before Postfix (its milter socket), Dovecot before
+    /// Postfix (auth and LMTP sockets).
+    pub start_order: &'static [&'static str],
+    /// The unit that actually runs Postfix on Debian (`postfix.service` is a wrapper).
+    pub postfix_unit: &'static str,
+    /// Ports that answer while the host serves mail.
+    pub ports: &'static [u16],
+    /// The certificate the mail daemons serve, relative to the domain (acmetool layout).
+    pub certificate: Option<PathBuf>,
+    pub dkim_key: PathBuf,
+}
+
+const QUEUE_EXCLUDES: &[&str] = &[
+    "/dev", "/etc", "/lib", "/usr", "/pid", "/private", "/public", "/opendkim",
+];
+const STOP: &[&str] = &["postfix", "dovecot", "opendkim"];
+const START: &[&str] = &["opendkim", "dovecot", "postfix"];
+const PORTS: &[u16] = &[25, 465, 587, 143, 993];
+
+impl Profile {
+    pub fn of(config: &Config) -> Profile {
+        let domain = config.domain.trim_end_matches('.');
+        let tree = |path: &str, required, why, owner| Tree {
+            path: PathBuf::from(path),
+            required,
+            why,
+            owner,
+        };
+        let mut trees = match config.profile {
+            ProfileName::Chatmail => vec![
+                tree(
+                    "/home/vmail/mail",
+                    true,
+                    "mailboxes: Maildirs with Dovecot's UID lists, password files (mtime = last login), metadata.json (push tokens), enforceE2EEincoming",
+                    Some("vmail:vmail"),
+                ),
+                tree(
+                    "/etc/dkimkeys",
+                    true,
+                    "the DKIM key DNS publishes",
+                    Some("opendkim:opendkim"),
+                ),
+                tree(
+                    "/var/lib/acme",
+                    false,
+                    "acmetool: certificate and the ACME account that CAA accounturi pins",
+                    Some("root:root"),
+                ),
+            ],
+            ProfileName::Classic => {
+                let root = config
+                    .migrate
+                    .mail_root
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from("/var/vmail"));
+                vec![
+                    Tree {
+                        path: root,
+                        required: true,
+                        why: "mailboxes",
+                        owner: None,
+                    },
+                    tree(
+                        "/etc/dkimkeys",
+                        true,
+                        "the DKIM key DNS publishes",
+                        Some("opendkim:opendkim"),
+                    ),
+                    tree(
+                        "/var/lib/acme",
+                        false,
+                        "acmetool certificates and account",
+                        None,
+                    ),
+                    tree(
+                        "/etc/letsencrypt",
+                        false,
+                        "certbot certificates and account",
+                        None,
+                    ),
+                ]
+            }
+        };
+        trees.extend(config.migrate.extra_trees.iter().map(|p| Tree {
+            path: p.clone(),
+            required: true,
+            why: "[migrate] extra_trees",
+            owner: None,
+        }));
+        Profile {
+            name: config.profile,
+            trees,
+            owned: vec![Owned {
+                path: PathBuf::from("/etc/dkimkeys/opendkim.private"),
+                owner: "opendkim:opendkim",
+            }],
+            accounts: match config.profile {
+                ProfileName::Chatmail => &["vmail", "opendkim", "postfix", "postdrop"],
+                ProfileName::Classic => &["vmail", "opendkim", "postfix", "postdrop", "dovecot"],
+            },
+            queue: PathBuf::from("/var/spool/postfix"),
+            queue_excludes: QUEUE_EXCLUDES,
+            stop_order: STOP,
+            start_order: START,
+            postfix_unit: "postfix@-",
+            ports: PORTS,
+            certificate: Some(PathBuf::from(format!("/var/lib/acme/live/{domain}/fullchain"))),
+            dkim_key: PathBuf::from("/etc/dkimkeys/opendkim.private"),
+        }
+    }
+
+    /// The units whose state `disable_old` records and `rollback` restores.
+    pub fn units(&self) -> Vec<&'static str> {
+        self.stop_order.to_vec()
+    }
+
+    pub fn queue_excludes(&self) -> Vec<String> {
+        self.queue_excludes.iter().map(|s| s.to_string()).collect()
+    }
+}
