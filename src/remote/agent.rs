@@ -12,7 +12,7 @@
 use crate::remote::endpoint::{parse_ssh_target, RemotePath};
 use crate::remote::protocol::{Hello, PROTOCOL};
 use anyhow::{anyhow, bail, Context, Result};
-use openssh::{KnownHosts, Session, SessionBuilder, Stdio};
+use openssh::{ControlPersist, KnownHosts, Session, SessionBuilder, Stdio};
 use sha2::{Digest as _, Sha256};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -117,6 +117,13 @@ mv "$f.part" "$f"
 for old in "$d"/bin/relaymove-*; do [ "$old" = "$f" ] || rm -f "$old"; done
 "#;
 
+/// Seconds an SSH master with no open channel stays up (every command and agent of a run
+/// is a channel, so a live run never idles this long).
+const MASTER_IDLE: std::num::NonZeroUsize = match std::num::NonZeroUsize::new(60) {
+    Some(n) => n,
+    None => panic!("zero"),
+};
+
 /// Exit status of `AGENT_START` when the agent must be uploaded first.
 const AGENT_MISSING: i32 = 97;
 
@@ -146,6 +153,9 @@ impl Host {
             .config_file(config.path())
             .control_directory(std::env::temp_dir())
             .connect_timeout(Duration::from_secs(15))
+            // A controller killed outright (SIGKILL, power loss) cannot close its master; an
+            // idle master then ends by itself instead of running forever.
+            .control_persist(ControlPersist::IdleFor(MASTER_IDLE))
             .server_alive_interval(Duration::from_secs(10));
         if let Some(u) = &remote.user {
             builder.user(u.clone());
