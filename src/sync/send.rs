@@ -1,7 +1,7 @@
 //! The sending side: reads the entries the plan asks for from SRC and writes the stream.
-//! SRC may be live (the first copy runs while mail flows): an entry that vanished or changed
-//! type since the scan is reported in the trailer, not treated as an error; a file is sent
-//! with its metadata and content as they are when it is read.
+//! SRC may be live (the first copy runs while mail flows): an entry that vanished, changed
+//! type or grew since the scan is reported in the trailer, not treated as an error (the next
+//! run copies it); a file is sent with its metadata and content as they are when it is read.
 //!
 //! Every entry is read through a [`Tree`]: a directory swapped for a symlink since the scan
 //! makes the entries under it "vanished", never a read outside SRC.
@@ -83,7 +83,7 @@ pub fn send(
     Ok(())
 }
 
-/// Sends one entry; `Ok(false)` when it is gone or changed type.
+/// Sends one entry; `Ok(false)` when it is gone, changed type or grew since the scan.
 fn send_one<W: Write>(
     stream: &mut StreamWriter<W>,
     tree: &mut Tree,
@@ -137,6 +137,11 @@ fn send_one<W: Write>(
     };
     let md = file.metadata()?;
     let size = md.len();
+    // The receiver refuses a member larger than planned (a bound on what a peer can make it
+    // write); a file that grew since the scan is left for the next run.
+    if size > item.size {
+        return Ok(false);
+    }
     let meta = meta_of(&md, names);
     let cached = cache.get(&item.path, &Stamp::of(&md));
     if size <= BUFFERED_MAX {
@@ -295,5 +300,21 @@ mod tests {
         assert_eq!(fs::read(dest.join("c")).unwrap(), b"c");
         assert!(fs::symlink_metadata(dest.join("a")).is_err());
         assert!(fs::symlink_metadata(dest.join("b")).is_err());
+    }
+
+    #[test]
+    fn a_file_that_grew_since_the_scan_is_left_for_the_next_run() {
+        let t = tempfile::tempdir().unwrap();
+        let (src, dest) = (t.path().join("src"), t.path().join("dest"));
+        fs::create_dir_all(&src).unwrap();
+        fs::write(src.join("mbox"), b"one\n").unwrap();
+        fs::write(src.join("shrunk"), b"four").unwrap();
+        let stats = sync_with_change(&src, &dest, || {
+            fs::write(src.join("mbox"), b"one\ntwo\n").unwrap();
+            fs::write(src.join("shrunk"), b"4").unwrap();
+        });
+        assert_eq!(vanished(&stats), ["mbox"]);
+        assert!(fs::symlink_metadata(dest.join("mbox")).is_err());
+        assert_eq!(fs::read(dest.join("shrunk")).unwrap(), b"4");
     }
 }
