@@ -18,6 +18,7 @@ use std::ffi::OsStr;
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
@@ -76,10 +77,35 @@ fn is_type(st: &FileStat, ty: SFlag) -> bool {
 }
 
 impl Tree {
-    /// Opens the tree at `root`, creating it (and its parents) when missing.
+    /// Opens the tree at `root`, creating it (and its parents) when missing. A new root is
+    /// 0700 whatever the umask, until the end of a run gives it SRC root's owner and mode: a
+    /// run that fails midway must not leave what it wrote readable through a 0755 root.
     pub fn open(root: &Path) -> Result<Tree> {
-        std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
-        Tree::open_existing(root)
+        let create = || std::fs::DirBuilder::new().mode(0o700).create(root);
+        let created = match create() {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if let Some(parent) = root.parent() {
+                    std::fs::create_dir_all(parent)
+                        .with_context(|| format!("creating {}", parent.display()))?;
+                }
+                match create() {
+                    Ok(()) => true,
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("creating {}", root.display()))
+                    }
+                }
+            }
+            Err(e) => return Err(e).with_context(|| format!("creating {}", root.display())),
+        };
+        let tree = Tree::open_existing(root)?;
+        if created {
+            nix::sys::stat::fchmod(tree.root_fd(), Mode::from_bits_truncate(0o700))
+                .with_context(|| format!("setting the mode of {}", root.display()))?;
+        }
+        Ok(tree)
     }
 
     /// Opens the existing tree at `root`, for reading.
@@ -319,6 +345,20 @@ mod tests {
         assert!(format!("{err:#}").contains("refusing to write through it"));
         assert!(tree.mkdir(b"link/sub").is_err());
         assert!(std::fs::read_dir(outside.path()).unwrap().next().is_none());
+    }
+
+    #[test]
+    fn a_new_root_is_private_and_an_existing_one_keeps_its_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let new = t.path().join("parent/new");
+        Tree::open(&new).unwrap();
+        let mode = std::fs::metadata(&new).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o700);
+        std::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Tree::open(&new).unwrap();
+        let mode = std::fs::metadata(&new).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o755);
     }
 
     #[test]

@@ -997,6 +997,33 @@ mod tests {
     }
 
     #[test]
+    fn a_first_sync_that_fails_midway_leaves_a_new_dest_root_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let dest = t.path().join("new");
+        let mut plan = plan_for(&[b"key.pem", b"b"]);
+        plan.mkdir.push(Vec::new());
+        plan.dirs.push(crate::sync::plan::MetaUpdate {
+            path: Vec::new(),
+            kind: Kind::Dir,
+            meta: Meta {
+                mode: 0o755,
+                ..meta()
+            },
+        });
+        let big = vec![1u8; 1 << 20];
+        let bytes = stream(&[(b"key.pem", b"secret"), (b"b", &big)], None, false);
+        assert!(receive(&dest, &plan, &bytes).is_err());
+        let mode = std::fs::metadata(&dest).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "DEST root left {mode:o}");
+        // A run that finishes gives the root SRC root's mode.
+        let bytes = stream(&[(b"key.pem", b"secret"), (b"b", &big)], None, true);
+        receive(&dest, &plan, &bytes).unwrap();
+        let mode = std::fs::metadata(&dest).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o755);
+    }
+
+    #[test]
     fn never_writes_through_a_symlink_in_dest() {
         let t = tempfile::tempdir().unwrap();
         let (dest, outside) = (t.path().join("dest"), t.path().join("outside"));
