@@ -583,6 +583,9 @@ impl<'p> Receiver<'p> {
         let plan = self.plan;
         let mut expected: HashMap<&[u8], &SendItem> =
             plan.send.iter().map(|s| (s.path.as_slice(), s)).collect();
+        // Files placed from this stream, with their hard-link group (the group's first
+        // planned name): a hard link member may only name one of its own group.
+        let mut placed_in: HashMap<&[u8], &[u8]> = HashMap::new();
         // A legitimate trailer lists at most every planned path, hex-encoded and quoted.
         let trailer_cap = plan
             .send
@@ -637,6 +640,7 @@ impl<'p> Receiver<'p> {
                         item.size
                     );
                 }
+                let group = item.link_to.as_deref().unwrap_or(&item.path);
                 let path = member.path.clone();
                 let (dir, name) = self.tree.parent(&path)?;
                 let what = self.tree.show(&path);
@@ -675,11 +679,17 @@ impl<'p> Receiver<'p> {
                         tmp.commit(name)
                             .with_context(|| format!("renaming into {what}"))?;
                         self.placed.push((path, *digest));
+                        placed_in.insert(&item.path, group);
                         self.stats.files_written += 1;
                         self.stats.bytes_written += n;
                     }
                     MemberKind::HardLink { target } => {
-                        validate(target).context("refusing a hard link member")?;
+                        if placed_in.get(target.as_slice()) != Some(&group) {
+                            bail!(
+                                "hard link member {what} points at {}, which this stream did not place in its link group; refused",
+                                self.tree.show(target)
+                            );
+                        }
                         let (tdir, tname) = self.tree.parent(target)?;
                         linkat(
                             tdir.as_fd(),
@@ -1089,6 +1099,51 @@ mod tests {
             format!("{err:#}").contains("PAX header of 1073741824 bytes"),
             "{err:#}"
         );
+    }
+
+    #[test]
+    fn a_hard_link_is_accepted_only_to_a_file_of_its_group_placed_by_the_stream() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir(t.path().join("private")).unwrap();
+        std::fs::write(t.path().join("private/dkim.key"), b"key").unwrap();
+        let item = |path: &[u8], link_to: Option<&[u8]>| SendItem {
+            path: path.to_vec(),
+            kind: Kind::File,
+            link_to: link_to.map(|l| l.to_vec()),
+            size: 3,
+        };
+        let plan = Plan {
+            send: vec![item(b"a", None), item(b"b", Some(b"a")), item(b"x", None)],
+            ..Plan::default()
+        };
+        // `x` sent as a hard link to `target`, or as a file.
+        let stream_with = |target: Option<&[u8]>| {
+            let enc = zstd::stream::write::Encoder::new(Vec::new(), 1).unwrap();
+            let mut w = StreamWriter::new(enc);
+            let digest: Digest = Sha256::digest(b"aaa").into();
+            w.file(b"a", &meta(), 3, &digest, &b"aaa"[..]).unwrap();
+            w.hardlink(b"b", &meta(), b"a").unwrap();
+            match target {
+                Some(target) => w.hardlink(b"x", &meta(), target).unwrap(),
+                None => w.file(b"x", &meta(), 3, &digest, &b"aaa"[..]).unwrap(),
+            }
+            w.finish(Trailer::default()).unwrap().finish().unwrap()
+        };
+        // To a file DEST already had, and to a file of another group.
+        for target in [&b"private/dkim.key"[..], b"a"] {
+            let err = receive(t.path(), &plan, &stream_with(Some(target))).unwrap_err();
+            assert!(
+                format!("{err:#}").contains("did not place in its link group"),
+                "{err:#}"
+            );
+            assert!(std::fs::symlink_metadata(t.path().join("x")).is_err());
+        }
+        // Within the group it works.
+        receive(t.path(), &plan, &stream_with(None)).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        let ino = |p: &str| std::fs::metadata(t.path().join(p)).unwrap().ino();
+        assert_eq!(ino("a"), ino("b"));
+        assert_ne!(ino("a"), ino("x"));
     }
 
     #[test]
