@@ -141,15 +141,12 @@ fn do_scan(root: &Path, opts: ScanOptions) -> Result<Manifest> {
 
 fn do_hash(root: &Path, paths: Vec<Vec<u8>>) -> Result<Hashes> {
     let mut cache = HashCache::open(root);
+    let mut tree = Tree::open_existing(root)?;
     let mut out: Hashes = Vec::with_capacity(paths.len());
     for rel in paths {
         validate(&rel)?;
-        let full = root.join(OsStr::from_bytes(&rel));
         // A file gone or changed type since the scan simply has no hash.
-        let digest = match std::fs::symlink_metadata(&full) {
-            Ok(md) if md.is_file() => hash_path(&full, &rel, &md, &mut cache).ok(),
-            _ => None,
-        };
+        let digest = hash_path(&mut tree, &rel, &mut cache).ok().flatten();
         out.push((rel, digest));
     }
     let _ = cache.save();

@@ -24,8 +24,15 @@ use crate::sync::manifest::Digest;
 use crate::sync::plan::{Plan, SendItem};
 use crate::sync::receive::{ReceiveProgress, ReceiveStats};
 
-/// Refuse absurd lengths from a confused peer instead of allocating them.
-const MAX_FRAME: u64 = 8 << 30;
+/// Largest decoded frame body. The biggest messages are manifests and plans: measured on
+/// /usr (138,000 entries), a manifest is 100 bytes an entry decoded (127 with `--checksum`),
+/// so 1 GiB holds some 8 million entries, far more than a mail server's trees. Without this
+/// bound a 33 KB frame of compressed zeros made the reader allocate whatever it decoded to.
+const MAX_DECODED: u64 = 1 << 30;
+/// Largest compressed frame body. The same manifests compress 7:1 (3:1 with hashes, which do
+/// not compress); half the decoded bound leaves room for less regular names. The body is
+/// read as it arrives, so a length claimed but not sent costs no memory.
+const MAX_FRAME: u64 = MAX_DECODED / 2;
 /// Stream chunks are at most this long.
 pub const CHUNK: usize = 1 << 20;
 
@@ -77,23 +84,39 @@ pub enum ReceiveEvent {
 
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
     let raw = postcard::to_stdvec(value).context("encoding a protocol message")?;
+    if raw.len() as u64 > MAX_DECODED {
+        bail!(
+            "a protocol message of {} bytes is larger than the {MAX_DECODED} the peer accepts; sync the tree in parts",
+            raw.len()
+        );
+    }
     let packed = zstd::encode_all(&raw[..], 1).context("compressing a protocol message")?;
     let mut out = (packed.len() as u64).to_le_bytes().to_vec();
     out.extend_from_slice(&packed);
     Ok(out)
 }
 
-fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T> {
-    let raw = zstd::decode_all(body).context("decompressing a protocol message")?;
+fn decode_body<T: DeserializeOwned>(body: &[u8], limit: u64) -> Result<T> {
+    let mut decoder =
+        zstd::stream::read::Decoder::new(body).context("decompressing a protocol message")?;
+    let mut raw = Vec::new();
+    // One byte past the limit tells "exactly the limit" from "more".
+    (&mut decoder)
+        .take(limit + 1)
+        .read_to_end(&mut raw)
+        .context("decompressing a protocol message")?;
+    if raw.len() as u64 > limit {
+        bail!("protocol message decodes to more than {limit} bytes; refused (the peer is not a relaymove agent of this version)");
+    }
     postcard::from_bytes(&raw)
         .context("decoding a protocol message (is the agent the same version?)")
 }
 
-fn check_len(len: u64) -> Result<usize> {
+fn check_len(len: u64) -> Result<u64> {
     if len > MAX_FRAME {
         bail!("protocol frame of {len} bytes is too large; the peer is not a relaymove agent of this version");
     }
-    Ok(len as usize)
+    Ok(len)
 }
 
 /// Reads one frame; `Ok(None)` on a clean end of input before the frame started.
@@ -109,10 +132,16 @@ pub fn read_frame_opt<T: DeserializeOwned>(r: &mut impl Read) -> Result<Option<T
             Err(e) => return Err(e).context("reading a protocol frame"),
         }
     }
-    let mut body = vec![0u8; check_len(u64::from_le_bytes(len))?];
-    r.read_exact(&mut body)
+    let len = check_len(u64::from_le_bytes(len))?;
+    let mut body = Vec::new();
+    (&mut *r)
+        .take(len)
+        .read_to_end(&mut body)
         .context("reading a protocol frame")?;
-    decode_body(&body).map(Some)
+    if body.len() as u64 != len {
+        bail!("input ended inside a protocol frame");
+    }
+    decode_body(&body, MAX_DECODED).map(Some)
 }
 
 pub fn write_frame<T: Serialize>(w: &mut impl Write, value: &T) -> Result<()> {
@@ -126,11 +155,17 @@ pub async fn read_frame_async<T: DeserializeOwned>(r: &mut (impl AsyncRead + Unp
     r.read_exact(&mut len)
         .await
         .context("reading a protocol frame")?;
-    let mut body = vec![0u8; check_len(u64::from_le_bytes(len))?];
-    r.read_exact(&mut body)
+    let len = check_len(u64::from_le_bytes(len))?;
+    let mut body = Vec::new();
+    (&mut *r)
+        .take(len)
+        .read_to_end(&mut body)
         .await
         .context("reading a protocol frame")?;
-    decode_body(&body)
+    if body.len() as u64 != len {
+        bail!("input ended inside a protocol frame");
+    }
+    decode_body(&body, MAX_DECODED)
 }
 
 pub async fn write_frame_async<T: Serialize>(
@@ -296,6 +331,34 @@ mod tests {
         assert!(read_frame_opt::<Vec<u32>>(&mut &buf[..3]).is_err());
         let huge = u64::MAX.to_le_bytes();
         assert!(read_frame_opt::<Vec<u32>>(&mut &huge[..]).is_err());
+    }
+
+    #[test]
+    fn a_decompression_bomb_is_refused_before_it_is_decoded_whole() {
+        // 64 MiB of zeros compress to a few KB; the decoder must stop at the limit.
+        let zeros = postcard::to_stdvec(&vec![0u8; 64 << 20]).unwrap();
+        let bomb = zstd::encode_all(&zeros[..], 19).unwrap();
+        assert!(bomb.len() < 64 << 10, "{}", bomb.len());
+        let err = decode_body::<Vec<u8>>(&bomb, 1 << 20).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("more than 1048576 bytes"),
+            "{err:#}"
+        );
+        // The same message under the limit decodes.
+        assert_eq!(
+            decode_body::<Vec<u8>>(&bomb, 64 << 21).unwrap().len(),
+            64 << 20
+        );
+    }
+
+    #[test]
+    fn a_frame_length_claimed_but_not_sent_is_an_error_without_allocating_it() {
+        let mut wire = (MAX_FRAME).to_le_bytes().to_vec();
+        wire.extend_from_slice(b"short");
+        let err = read_frame_opt::<Vec<u8>>(&mut &wire[..]).unwrap_err();
+        assert!(format!("{err:#}").contains("ended inside"), "{err:#}");
+        let wire = (MAX_FRAME + 1).to_le_bytes();
+        assert!(read_frame_opt::<Vec<u8>>(&mut &wire[..]).is_err());
     }
 
     #[test]

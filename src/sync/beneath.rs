@@ -2,16 +2,23 @@
 //! component at a time with `O_NOFOLLOW`, so nothing is ever read or written through a
 //! symlink inside the tree, and `..`, absolute paths and empty components are refused before
 //! any system call. Only the root itself may be a symlink (the user named it).
+//!
+//! The receiver writes DEST through a [`Tree`]; the sender and the hash requests read SRC
+//! (or DEST) through one too, because a live tree can change between the scan and the read:
+//! a directory owned by a local user may be swapped for a symlink to anywhere. The read
+//! methods report such a path as gone (`Ok(None)`) instead of following it.
 
 use anyhow::{bail, Context, Result};
 use nix::errno::Errno;
 use nix::fcntl::{openat, OFlag};
-use nix::sys::stat::{fstatat, Mode, SFlag};
+use nix::sys::stat::{fstat, fstatat, FileStat, Mode, SFlag};
 use nix::unistd::{unlinkat, UnlinkatFlags};
 use std::collections::HashMap;
 use std::ffi::OsStr;
+use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
@@ -59,10 +66,50 @@ const DIR_FLAGS: OFlag = OFlag::O_RDONLY
     .union(OFlag::O_NOFOLLOW)
     .union(OFlag::O_CLOEXEC);
 
+/// Errors that mean "this path is not what the scan saw" when reading a live tree: gone, or
+/// a directory on the way replaced by a file (ENOTDIR) or by a symlink (ELOOP).
+fn changed(e: Errno) -> bool {
+    matches!(e, Errno::ENOENT | Errno::ENOTDIR | Errno::ELOOP)
+}
+
+fn is_type(st: &FileStat, ty: SFlag) -> bool {
+    SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == ty
+}
+
 impl Tree {
-    /// Opens the tree at `root`, creating it (and its parents) when missing.
+    /// Opens the tree at `root`, creating it (and its parents) when missing. A new root is
+    /// 0700 whatever the umask, until the end of a run gives it SRC root's owner and mode: a
+    /// run that fails midway must not leave what it wrote readable through a 0755 root.
     pub fn open(root: &Path) -> Result<Tree> {
-        std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+        let create = || std::fs::DirBuilder::new().mode(0o700).create(root);
+        let created = match create() {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if let Some(parent) = root.parent() {
+                    std::fs::create_dir_all(parent)
+                        .with_context(|| format!("creating {}", parent.display()))?;
+                }
+                match create() {
+                    Ok(()) => true,
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("creating {}", root.display()))
+                    }
+                }
+            }
+            Err(e) => return Err(e).with_context(|| format!("creating {}", root.display())),
+        };
+        let tree = Tree::open_existing(root)?;
+        if created {
+            nix::sys::stat::fchmod(tree.root_fd(), Mode::from_bits_truncate(0o700))
+                .with_context(|| format!("setting the mode of {}", root.display()))?;
+        }
+        Ok(tree)
+    }
+
+    /// Opens the existing tree at `root`, for reading.
+    pub fn open_existing(root: &Path) -> Result<Tree> {
         let fd = openat(
             nix::fcntl::AT_FDCWD,
             root,
@@ -95,23 +142,35 @@ impl Tree {
 
     /// Opens directory `rel` (empty = root) without following any symlink on the way.
     pub fn dir(&mut self, rel: &[u8]) -> Result<Rc<OwnedFd>> {
+        if !rel.is_empty() {
+            validate(rel)?;
+        }
+        match self.walk(rel) {
+            Ok(fd) => Ok(fd),
+            Err(Errno::ELOOP) | Err(Errno::ENOTDIR) => bail!(
+                "{} is not a directory (a symlink or file is in the way); refusing to write through it",
+                self.show(rel)
+            ),
+            Err(e) => Err(e).with_context(|| format!("opening {}", self.show(rel))),
+        }
+    }
+
+    /// `dir` for a validated `rel`, one `O_NOFOLLOW` component at a time from cached handles.
+    fn walk(&mut self, rel: &[u8]) -> nix::Result<Rc<OwnedFd>> {
         if rel.is_empty() {
             return Ok(self.root.clone());
         }
         if let Some(fd) = self.dirs.get(rel) {
             return Ok(fd.clone());
         }
-        validate(rel)?;
         let (parent, name) = split(rel);
-        let parent_fd = self.dir(parent)?;
-        let fd = match openat(parent_fd.as_fd(), OsStr::from_bytes(name), DIR_FLAGS, Mode::empty()) {
-            Ok(fd) => Rc::new(fd),
-            Err(Errno::ELOOP) | Err(Errno::ENOTDIR) => bail!(
-                "{} is not a directory (a symlink or file is in the way); refusing to write through it",
-                self.show(rel)
-            ),
-            Err(e) => return Err(e).with_context(|| format!("opening {}", self.show(rel))),
-        };
+        let parent_fd = self.walk(parent)?;
+        let fd = Rc::new(openat(
+            parent_fd.as_fd(),
+            OsStr::from_bytes(name),
+            DIR_FLAGS,
+            Mode::empty(),
+        )?);
         if self.dirs.len() > 4096 {
             self.dirs.clear();
         }
@@ -124,6 +183,61 @@ impl Tree {
         validate(rel)?;
         let (parent, name) = split(rel);
         Ok((self.dir(parent)?, OsStr::from_bytes(name)))
+    }
+
+    /// For reading a live tree: the parent directory of `rel` and its final name, or `None`
+    /// when a directory on the way is gone or is no longer a directory.
+    pub fn parent_if_present<'a>(
+        &mut self,
+        rel: &'a [u8],
+    ) -> Result<Option<(Rc<OwnedFd>, &'a OsStr)>> {
+        validate(rel)?;
+        let (parent, name) = split(rel);
+        match self.walk(parent) {
+            Ok(fd) => Ok(Some((fd, OsStr::from_bytes(name)))),
+            Err(e) if changed(e) => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("opening {}", self.show(parent))),
+        }
+    }
+
+    /// For reading a live tree: the `lstat` of `rel` with its parent and name, or `None`
+    /// when it is gone or not of type `ty` (an `S_IF*` value).
+    pub fn stat_if<'a>(
+        &mut self,
+        rel: &'a [u8],
+        ty: SFlag,
+    ) -> Result<Option<(Rc<OwnedFd>, &'a OsStr, FileStat)>> {
+        let Some((dir, name)) = self.parent_if_present(rel)? else {
+            return Ok(None);
+        };
+        match fstatat(dir.as_fd(), name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) if is_type(&st, ty) => Ok(Some((dir, name, st))),
+            Ok(_) => Ok(None),
+            Err(e) if changed(e) => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", self.show(rel))),
+        }
+    }
+
+    /// For reading a live tree: regular file `rel` opened for reading, or `None` when it is
+    /// gone or is no longer a regular file. `O_NONBLOCK` so that a FIFO or device put in its
+    /// place cannot hang the reader before `fstat` shows what it is.
+    pub fn open_file(&mut self, rel: &[u8]) -> Result<Option<File>> {
+        let Some((dir, name)) = self.parent_if_present(rel)? else {
+            return Ok(None);
+        };
+        let flags = OFlag::O_RDONLY
+            | OFlag::O_NOFOLLOW
+            | OFlag::O_NONBLOCK
+            | OFlag::O_NOCTTY
+            | OFlag::O_CLOEXEC;
+        let fd = match openat(dir.as_fd(), name, flags, Mode::empty()) {
+            Ok(fd) => fd,
+            // ENXIO: a socket is in its place.
+            Err(e) if changed(e) || e == Errno::ENXIO => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("opening {}", self.show(rel))),
+        };
+        let st = fstat(&fd).with_context(|| format!("reading {}", self.show(rel)))?;
+        Ok(is_type(&st, SFlag::S_IFREG).then(|| File::from(fd)))
     }
 
     /// Forgets cached directory handles (after deletes and type changes).
@@ -151,7 +265,7 @@ impl Tree {
                     name,
                     nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
                 )?;
-                if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR {
+                if is_type(&st, SFlag::S_IFDIR) {
                     Ok(())
                 } else {
                     bail!("{} exists and is not a directory", self.show(rel))
@@ -231,6 +345,20 @@ mod tests {
         assert!(format!("{err:#}").contains("refusing to write through it"));
         assert!(tree.mkdir(b"link/sub").is_err());
         assert!(std::fs::read_dir(outside.path()).unwrap().next().is_none());
+    }
+
+    #[test]
+    fn a_new_root_is_private_and_an_existing_one_keeps_its_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let new = t.path().join("parent/new");
+        Tree::open(&new).unwrap();
+        let mode = std::fs::metadata(&new).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o700);
+        std::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Tree::open(&new).unwrap();
+        let mode = std::fs::metadata(&new).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o755);
     }
 
     #[test]

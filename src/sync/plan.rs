@@ -377,7 +377,8 @@ pub fn build(src: &Manifest, dest: &Manifest, opts: &PlanOptions) -> Result<Plan
                                 path: m.path.clone(),
                                 kind: Kind::File,
                                 link_to: Some(primary.path.clone()),
-                                size: 0,
+                                // Sent as the file itself if the primary vanished.
+                                size: primary.size,
                             });
                             plan.stats.hardlinks += 1;
                         }

@@ -13,9 +13,9 @@
 use crate::sync::beneath::{remove_at, validate, Tree};
 use crate::sync::hash_cache::{HashCache, Stamp};
 use crate::sync::manifest::{display_path, Digest, Kind, Meta, Skipped, TEMP_PREFIX};
-use crate::sync::plan::{Plan, ReuseMode};
+use crate::sync::plan::{Plan, ReuseMode, SendItem};
 use crate::sync::scan::hash_reader;
-use crate::sync::stream::{read_member, MemberKind, Trailer};
+use crate::sync::stream::{MemberKind, MemberReader, MAX_PAX_HEADER};
 use anyhow::{anyhow, bail, Context, Result};
 use nix::errno::Errno;
 use nix::fcntl::{openat, AtFlags, OFlag};
@@ -581,11 +581,16 @@ impl<'p> Receiver<'p> {
         progress: &mut impl FnMut(ReceiveProgress),
     ) -> Result<()> {
         let plan = self.plan;
-        let mut expected: HashMap<&[u8], Kind> = plan
+        let mut expected: HashMap<&[u8], &SendItem> =
+            plan.send.iter().map(|s| (s.path.as_slice(), s)).collect();
+        // Files placed from this stream, with their hard-link group (the group's first
+        // planned name): a hard link member may only name one of its own group.
+        let mut placed_in: HashMap<&[u8], &[u8]> = HashMap::new();
+        // A legitimate trailer lists at most every planned path, hex-encoded and quoted.
+        let trailer_cap = plan
             .send
             .iter()
-            .map(|s| (s.path.as_slice(), s.kind))
-            .collect();
+            .fold(MAX_PAX_HEADER, |n, s| n + 2 * s.path.len() as u64 + 3);
         let counting = CountingReader {
             inner: input,
             count: wire.clone(),
@@ -606,32 +611,36 @@ impl<'p> Receiver<'p> {
                 pos: 0,
             };
             let mut archive = tar::Archive::new(reader);
-            let mut trailer: Option<Trailer> = None;
             let mut last_report = Instant::now();
             let cut = |e: &dyn std::fmt::Display| {
-                anyhow!("the stream broke off ({e}); DEST keeps, for each path, its old or its new version; run the same command again to finish")
+                anyhow!("the stream broke off ({e:#}); DEST keeps, for each path, its old or its new version; run the same command again to finish")
             };
-            let entries = archive.entries().map_err(|e| cut(&e))?;
-            for entry in entries {
-                let mut entry = entry.map_err(|e| cut(&e))?;
-                let Some(member) = read_member(&mut entry, &mut trailer).map_err(|e| cut(&e))?
-                else {
-                    continue;
-                };
+            let mut members = MemberReader::new(&mut archive, trailer_cap).map_err(|e| cut(&e))?;
+            while let Some((member, mut entry)) = members.next_member().map_err(|e| cut(&e))? {
                 validate(&member.path).context("refusing a stream member")?;
-                match expected.remove(member.path.as_slice()) {
-                    Some(kind) if kind == member.plan_kind() => {}
-                    Some(kind) => bail!(
+                let item = match expected.remove(member.path.as_slice()) {
+                    Some(item) if item.kind == member.plan_kind() => item,
+                    Some(item) => bail!(
                         "stream member {} is a {}, the plan expected a {}; refused",
                         display_path(&member.path),
                         member.plan_kind().describe(),
-                        kind.describe()
+                        item.kind.describe()
                     ),
                     None => bail!(
                         "stream member {} was not asked for; refused",
                         display_path(&member.path)
                     ),
+                };
+                // Refused from its header, before a byte of it reaches the disk.
+                if entry.size() > item.size {
+                    bail!(
+                        "stream member {} is {} bytes, the plan expected at most {}; refused",
+                        display_path(&member.path),
+                        entry.size(),
+                        item.size
+                    );
                 }
+                let group = item.link_to.as_deref().unwrap_or(&item.path);
                 let path = member.path.clone();
                 let (dir, name) = self.tree.parent(&path)?;
                 let what = self.tree.show(&path);
@@ -670,11 +679,17 @@ impl<'p> Receiver<'p> {
                         tmp.commit(name)
                             .with_context(|| format!("renaming into {what}"))?;
                         self.placed.push((path, *digest));
+                        placed_in.insert(&item.path, group);
                         self.stats.files_written += 1;
                         self.stats.bytes_written += n;
                     }
                     MemberKind::HardLink { target } => {
-                        validate(target).context("refusing a hard link member")?;
+                        if placed_in.get(target.as_slice()) != Some(&group) {
+                            bail!(
+                                "hard link member {what} points at {}, which this stream did not place in its link group; refused",
+                                self.tree.show(target)
+                            );
+                        }
                         let (tdir, tname) = self.tree.parent(target)?;
                         linkat(
                             tdir.as_fd(),
@@ -727,14 +742,16 @@ impl<'p> Receiver<'p> {
                     });
                 }
             }
-            let trailer = trailer.ok_or_else(|| cut(&"no end-of-stream trailer"))?;
+            let trailer = members
+                .trailer()
+                .ok_or_else(|| cut(&"no end-of-stream trailer"))?;
             for hex_path in &trailer.vanished {
                 let path = decode_hex(hex_path)
                     .ok_or_else(|| anyhow!("malformed path in the stream trailer"))?;
                 if expected.remove(path.as_slice()).is_some() {
                     self.stats.vanished.push(Skipped {
                         path,
-                        reason: "vanished or changed type on the source during the sync".into(),
+                        reason: "vanished or changed on the source during the sync".into(),
                     });
                 }
             }
@@ -851,7 +868,7 @@ pub fn decode_hex(s: &str) -> Option<Vec<u8>> {
 mod tests {
     use super::*;
     use crate::sync::plan::SendItem;
-    use crate::sync::stream::StreamWriter;
+    use crate::sync::stream::{StreamWriter, Trailer};
 
     fn meta() -> Meta {
         Meta {
@@ -873,7 +890,8 @@ mod tests {
                     path: p.to_vec(),
                     kind: Kind::File,
                     link_to: None,
-                    size: 0,
+                    // Sizes are checked by their own test.
+                    size: u64::MAX,
                 })
                 .collect(),
             ..Plan::default()
@@ -989,6 +1007,33 @@ mod tests {
     }
 
     #[test]
+    fn a_first_sync_that_fails_midway_leaves_a_new_dest_root_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let dest = t.path().join("new");
+        let mut plan = plan_for(&[b"key.pem", b"b"]);
+        plan.mkdir.push(Vec::new());
+        plan.dirs.push(crate::sync::plan::MetaUpdate {
+            path: Vec::new(),
+            kind: Kind::Dir,
+            meta: Meta {
+                mode: 0o755,
+                ..meta()
+            },
+        });
+        let big = vec![1u8; 1 << 20];
+        let bytes = stream(&[(b"key.pem", b"secret"), (b"b", &big)], None, false);
+        assert!(receive(&dest, &plan, &bytes).is_err());
+        let mode = std::fs::metadata(&dest).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "DEST root left {mode:o}");
+        // A run that finishes gives the root SRC root's mode.
+        let bytes = stream(&[(b"key.pem", b"secret"), (b"b", &big)], None, true);
+        receive(&dest, &plan, &bytes).unwrap();
+        let mode = std::fs::metadata(&dest).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o755);
+    }
+
+    #[test]
     fn never_writes_through_a_symlink_in_dest() {
         let t = tempfile::tempdir().unwrap();
         let (dest, outside) = (t.path().join("dest"), t.path().join("outside"));
@@ -1002,6 +1047,103 @@ mod tests {
             "{err:#}"
         );
         assert!(names(&outside).is_empty());
+    }
+
+    fn compressed(tar: &[u8]) -> Vec<u8> {
+        zstd::encode_all(tar, 1).unwrap()
+    }
+
+    #[test]
+    fn a_member_larger_than_planned_is_refused_before_its_content_is_written() {
+        let t = tempfile::tempdir().unwrap();
+        let mut plan = plan_for(&[b"a"]);
+        plan.send[0].size = 10;
+        // The header claims a TiB; only a little content follows.
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_path("a").unwrap();
+        h.set_size(1 << 40);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_cksum();
+        let mut tar = tar::Builder::new(Vec::new());
+        let digest = "0".repeat(64);
+        tar.append_pax_extensions([(crate::sync::stream::SHA256_KEY, digest.as_bytes())])
+            .unwrap();
+        let mut bytes = tar.into_inner().unwrap();
+        bytes.truncate(bytes.len() - 1024); // the end-of-archive blocks
+        bytes.extend_from_slice(h.as_bytes());
+        bytes.extend_from_slice(&[7u8; 1 << 16]);
+        let err = receive(t.path(), &plan, &compressed(&bytes)).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("is 1099511627776 bytes, the plan expected at most 10"),
+            "{err:#}"
+        );
+        assert!(names(t.path()).is_empty());
+    }
+
+    #[test]
+    fn a_huge_pax_header_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::XHeader);
+        h.set_path("pax").unwrap();
+        h.set_size(1 << 30);
+        h.set_cksum();
+        let mut bytes = h.as_bytes().to_vec();
+        bytes.resize(bytes.len() + (4 << 20), b'x');
+        let err = receive(t.path(), &plan_for(&[b"a"]), &compressed(&bytes)).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("PAX header of 1073741824 bytes"),
+            "{err:#}"
+        );
+    }
+
+    #[test]
+    fn a_hard_link_is_accepted_only_to_a_file_of_its_group_placed_by_the_stream() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir(t.path().join("private")).unwrap();
+        std::fs::write(t.path().join("private/dkim.key"), b"key").unwrap();
+        let item = |path: &[u8], link_to: Option<&[u8]>| SendItem {
+            path: path.to_vec(),
+            kind: Kind::File,
+            link_to: link_to.map(|l| l.to_vec()),
+            size: 3,
+        };
+        let plan = Plan {
+            send: vec![item(b"a", None), item(b"b", Some(b"a")), item(b"x", None)],
+            ..Plan::default()
+        };
+        // `x` sent as a hard link to `target`, or as a file.
+        let stream_with = |target: Option<&[u8]>| {
+            let enc = zstd::stream::write::Encoder::new(Vec::new(), 1).unwrap();
+            let mut w = StreamWriter::new(enc);
+            let digest: Digest = Sha256::digest(b"aaa").into();
+            w.file(b"a", &meta(), 3, &digest, &b"aaa"[..]).unwrap();
+            w.hardlink(b"b", &meta(), b"a").unwrap();
+            match target {
+                Some(target) => w.hardlink(b"x", &meta(), target).unwrap(),
+                None => w.file(b"x", &meta(), 3, &digest, &b"aaa"[..]).unwrap(),
+            }
+            w.finish(Trailer::default()).unwrap().finish().unwrap()
+        };
+        // To a file DEST already had, and to a file of another group.
+        for target in [&b"private/dkim.key"[..], b"a"] {
+            let err = receive(t.path(), &plan, &stream_with(Some(target))).unwrap_err();
+            assert!(
+                format!("{err:#}").contains("did not place in its link group"),
+                "{err:#}"
+            );
+            assert!(std::fs::symlink_metadata(t.path().join("x")).is_err());
+        }
+        // Within the group it works.
+        receive(t.path(), &plan, &stream_with(None)).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        let ino = |p: &str| std::fs::metadata(t.path().join(p)).unwrap().ino();
+        assert_eq!(ino("a"), ino("b"));
+        assert_ne!(ino("a"), ino("x"));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! A scan error on any path fails the scan: a partial SRC manifest would make the mirror
 //! delete what it could not see.
 
+use crate::sync::beneath::Tree;
 use crate::sync::filter::Excludes;
 use crate::sync::hash_cache::{HashCache, Stamp};
 use crate::sync::manifest::{Digest, Entry, Kind, Manifest, Meta, Skipped, TEMP_PREFIX};
@@ -78,7 +79,7 @@ pub fn meta_of(md: &fs::Metadata, names: &mut Names) -> Meta {
 }
 
 /// Metadata of an `fstatat` result, with names looked up on this host.
-fn meta_of_stat(st: &FileStat, names: &mut Names) -> Meta {
+pub fn meta_of_stat(st: &FileStat, names: &mut Names) -> Meta {
     Meta {
         mode: st.st_mode & 0o7777,
         uid: st.st_uid,
@@ -300,25 +301,22 @@ pub fn scan(root: &Path, opts: &ScanOptions, cache: &mut HashCache) -> Result<Ma
     Ok(walk.manifest)
 }
 
-/// The hash of the file at `path` (relative name `rel` in the cache), from the cache when the
-/// stamps of `md` match, else by reading it.
-pub fn hash_path(
-    path: &Path,
-    rel: &[u8],
-    md: &fs::Metadata,
-    cache: &mut HashCache,
-) -> io::Result<Digest> {
-    let stamp = Stamp::of(md);
+/// The hash of regular file `rel` in `tree`, from the cache when its stamps match, else by
+/// reading it; `None` when it is gone or no longer a regular file.
+pub fn hash_path(tree: &mut Tree, rel: &[u8], cache: &mut HashCache) -> Result<Option<Digest>> {
+    let Some(mut f) = tree.open_file(rel)? else {
+        return Ok(None);
+    };
+    let stamp = Stamp::of(&f.metadata()?);
     if let Some(d) = cache.get(rel, &stamp) {
-        return Ok(d);
+        return Ok(Some(d));
     }
-    let mut f = File::open(path)?;
-    let digest = hash_reader(&mut f)?;
+    let digest = hash_reader(&mut f).with_context(|| format!("hashing {}", tree.show(rel)))?;
     // Only remember the hash if the file did not change while we read it.
     if Stamp::of(&f.metadata()?) == stamp {
         cache.put(rel, stamp, digest);
     }
-    Ok(digest)
+    Ok(Some(digest))
 }
 
 pub fn hash_reader(r: &mut impl Read) -> io::Result<Digest> {
@@ -334,4 +332,44 @@ pub fn hash_reader(r: &mut impl Read) -> io::Result<Digest> {
         hasher.update(&buf[..n]);
     }
     Ok(hasher.finalize().into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    /// `hash_path` in a thread, so that a hang fails the test instead of blocking it.
+    fn hash_soon(root: &Path, rel: &'static [u8]) -> Option<Digest> {
+        let root = root.to_path_buf();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut tree = Tree::open_existing(&root).unwrap();
+            let _ = tx.send(hash_path(&mut tree, rel, &mut HashCache::disabled()).unwrap());
+        });
+        rx.recv_timeout(Duration::from_secs(20))
+            .expect("hashing hung")
+    }
+
+    #[test]
+    fn hash_requests_neither_follow_a_swapped_directory_nor_hang_on_a_fifo() {
+        let t = tempfile::tempdir().unwrap();
+        let (src, outside) = (t.path().join("src"), t.path().join("outside"));
+        fs::create_dir_all(src.join("d")).unwrap();
+        fs::create_dir(&outside).unwrap();
+        fs::write(src.join("d/f"), b"x").unwrap();
+        fs::write(outside.join("f"), b"secret").unwrap();
+        fs::write(src.join("plain"), b"x").unwrap();
+        assert_eq!(hash_soon(&src, b"plain"), Some(Sha256::digest(b"x").into()));
+
+        fs::rename(src.join("d"), src.join("d.old")).unwrap();
+        symlink(&outside, src.join("d")).unwrap();
+        assert_eq!(hash_soon(&src, b"d/f"), None);
+
+        fs::remove_file(src.join("plain")).unwrap();
+        nix::unistd::mkfifo(&src.join("plain"), Mode::from_bits_truncate(0o600)).unwrap();
+        assert_eq!(hash_soon(&src, b"plain"), None);
+    }
 }

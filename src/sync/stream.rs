@@ -230,64 +230,146 @@ impl<W: Write> StreamWriter<W> {
     }
 }
 
-/// Reads what a member header says. Returns `Ok(None)` for the trailer, whose content is
-/// stored in `trailer`.
-pub fn read_member<R: Read>(
-    entry: &mut tar::Entry<'_, R>,
-    trailer: &mut Option<Trailer>,
-) -> Result<Option<Member>> {
-    let ty = entry.header().entry_type();
+/// Largest local PAX header. Ours hold at most two paths (PATH_MAX is 4 KiB) and a few short
+/// values; the bound keeps a peer from making the receiver read a header of any size into
+/// memory, as the tar crate does with PAX and GNU long-name bodies when it parses them.
+pub const MAX_PAX_HEADER: u64 = 1 << 20;
+
+/// Reads the members of a stream, parsing every extension header itself (the archive is
+/// iterated raw) so that each is refused by its size before its body is read.
+pub struct MemberReader<'a, R: Read> {
+    entries: tar::Entries<'a, R>,
+    /// Bound for the trailer's global header, which lists vanished paths.
+    trailer_cap: u64,
+    trailer: Option<Trailer>,
+}
+
+impl<'a, R: Read> MemberReader<'a, R> {
+    pub fn new(archive: &'a mut tar::Archive<R>, trailer_cap: u64) -> io::Result<Self> {
+        Ok(MemberReader {
+            entries: archive.entries()?.raw(true),
+            trailer_cap,
+            trailer: None,
+        })
+    }
+
+    /// The trailer, once the stream has been read to its end.
+    pub fn trailer(&mut self) -> Option<Trailer> {
+        self.trailer.take()
+    }
+
+    /// The next member and its entry (which reads a file's content); `None` at the end.
+    pub fn next_member(&mut self) -> Result<Option<(Member, tar::Entry<'a, R>)>> {
+        let mut pax: Option<Vec<u8>> = None;
+        loop {
+            let Some(entry) = self.entries.next() else {
+                if pax.is_some() {
+                    bail!("the stream ended after a PAX header, before its member");
+                }
+                return Ok(None);
+            };
+            let mut entry = entry.context("reading a member header")?;
+            let ty = entry.header().entry_type();
+            if ty == EntryType::XHeader || ty == EntryType::XGlobalHeader {
+                let cap = if ty == EntryType::XHeader {
+                    MAX_PAX_HEADER
+                } else {
+                    self.trailer_cap
+                };
+                if entry.size() > cap {
+                    bail!(
+                        "a PAX header of {} bytes (more than {cap}); refused",
+                        entry.size()
+                    );
+                }
+                let mut body = Vec::new();
+                entry
+                    .read_to_end(&mut body)
+                    .context("reading PAX records")?;
+                if ty == EntryType::XGlobalHeader {
+                    self.read_trailer(&body)?;
+                } else if pax.replace(body).is_some() {
+                    bail!("two PAX headers for one member");
+                }
+                continue;
+            }
+            if ty.is_gnu_longname() || ty.is_gnu_longlink() {
+                bail!("a GNU long-name header (relaymove writes PAX); refused unread");
+            }
+            let member = parse_member(&entry, pax.as_deref().unwrap_or_default())?;
+            return Ok(Some((member, entry)));
+        }
+    }
+
+    fn read_trailer(&mut self, records: &[u8]) -> Result<()> {
+        for ext in tar::PaxExtensions::new(records) {
+            let ext = ext.context("reading a PAX record")?;
+            if ext.key_bytes() == TRAILER_KEY.as_bytes() {
+                self.trailer = Some(
+                    serde_json::from_slice(ext.value_bytes())
+                        .context("malformed stream trailer")?,
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a member header says, with its PAX `records` applied.
+fn parse_member<R: Read>(entry: &tar::Entry<'_, R>, records: &[u8]) -> Result<Member> {
+    let h = entry.header();
+    let ty = h.entry_type();
     let mut digest = None;
     let mut mtime = None;
     let (mut user, mut group) = (None, None);
-    if let Some(exts) = entry.pax_extensions().context("reading PAX records")? {
-        for ext in exts {
-            let ext = ext.context("reading a PAX record")?;
-            let Ok(key) = ext.key() else { continue };
-            let value = ext.value_bytes();
-            match key {
-                SHA256_KEY => {
-                    let text = std::str::from_utf8(value).unwrap_or_default();
-                    digest = Some(
-                        parse_hex_digest(text)
-                            .ok_or_else(|| anyhow!("malformed {SHA256_KEY} record"))?,
-                    );
-                }
-                TRAILER_KEY if ty == EntryType::XGlobalHeader => {
-                    *trailer =
-                        Some(serde_json::from_slice(value).context("malformed stream trailer")?);
-                }
-                "mtime" => mtime = parse_pax_time(value),
-                "uname" => user = Some(String::from_utf8_lossy(value).into_owned()),
-                "gname" => group = Some(String::from_utf8_lossy(value).into_owned()),
-                _ => {}
+    let mut path = h.path_bytes().into_owned();
+    let mut link = h.link_name_bytes().map(|l| l.into_owned());
+    let mut uid = h.uid().context("reading uid")?;
+    let mut gid = h.gid().context("reading gid")?;
+    let number = |v: &[u8], what: &str| -> Result<u64> {
+        std::str::from_utf8(v)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| anyhow!("malformed PAX {what} record"))
+    };
+    for ext in tar::PaxExtensions::new(records) {
+        let ext = ext.context("reading a PAX record")?;
+        let value = ext.value_bytes();
+        match ext.key_bytes() {
+            b"path" => path = value.to_vec(),
+            b"linkpath" => link = Some(value.to_vec()),
+            b"uid" => uid = number(value, "uid")?,
+            b"gid" => gid = number(value, "gid")?,
+            b"mtime" => mtime = parse_pax_time(value),
+            b"uname" => user = Some(String::from_utf8_lossy(value).into_owned()),
+            b"gname" => group = Some(String::from_utf8_lossy(value).into_owned()),
+            // The raw archive walks members by their header size; a PAX size would make
+            // this reader and `tar` see different archives.
+            b"size" => bail!("PAX size records are not used by relaymove; refused"),
+            key if key == SHA256_KEY.as_bytes() => {
+                let text = std::str::from_utf8(value).unwrap_or_default();
+                digest = Some(
+                    parse_hex_digest(text)
+                        .ok_or_else(|| anyhow!("malformed {SHA256_KEY} record"))?,
+                );
             }
+            _ => {}
         }
     }
-    if ty == EntryType::XGlobalHeader {
-        return Ok(None);
-    }
-    let path = entry.path_bytes().into_owned();
-    let h = entry.header();
     let (mtime, mtime_nsec) = match mtime {
         Some(t) => t,
         None => (h.mtime().map(|m| m as i64).unwrap_or(0), 0),
     };
     let meta = Meta {
         mode: h.mode().context("reading mode")? & 0o7777,
-        uid: h.uid().context("reading uid")? as u32,
-        gid: h.gid().context("reading gid")? as u32,
+        uid: u32::try_from(uid).context("uid out of range")?,
+        gid: u32::try_from(gid).context("gid out of range")?,
         user,
         group,
         mtime,
         mtime_nsec,
     };
-    let link = || -> Result<Vec<u8>> {
-        Ok(entry
-            .link_name_bytes()
-            .ok_or_else(|| anyhow!("link member without a target"))?
-            .into_owned())
-    };
+    let link = || link.ok_or_else(|| anyhow!("link member without a target"));
     let kind = match ty {
         EntryType::Regular | EntryType::Continuous => MemberKind::File {
             digest: digest.ok_or_else(|| anyhow!("file member without a {SHA256_KEY} record"))?,
@@ -297,12 +379,116 @@ pub fn read_member<R: Read>(
         EntryType::Fifo => MemberKind::Fifo,
         other => bail!("unexpected member type {other:?}"),
     };
-    Ok(Some(Member { path, kind, meta }))
+    Ok(Member { path, kind, meta })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::Cell;
+    use std::rc::Rc;
+
+    fn meta(uid: u32) -> Meta {
+        Meta {
+            mode: 0o4750,
+            uid,
+            gid: 7,
+            user: Some("u".into()),
+            group: None,
+            mtime: -5,
+            mtime_nsec: 42,
+        }
+    }
+
+    #[test]
+    fn members_round_trip_with_long_paths_big_ids_and_the_trailer() {
+        let long = [b'p'; 300];
+        let target = [b't'; 200];
+        let mut w = StreamWriter::new(Vec::new());
+        w.file(&long, &meta(0o7777777 + 5), 3, &[9; 32], &b"abc"[..])
+            .unwrap();
+        w.symlink(b"s", &meta(1), &target).unwrap();
+        w.hardlink(b"h", &meta(1), &long).unwrap();
+        w.fifo(b"f", &meta(1)).unwrap();
+        let trailer = Trailer {
+            members: 4,
+            vanished: vec!["00ff".into()],
+        };
+        let bytes = w.finish(trailer.clone()).unwrap();
+        let mut archive = tar::Archive::new(&bytes[..]);
+        let mut members = MemberReader::new(&mut archive, MAX_PAX_HEADER).unwrap();
+        let mut got = Vec::new();
+        while let Some((m, mut entry)) = members.next_member().unwrap() {
+            let mut data = Vec::new();
+            entry.read_to_end(&mut data).unwrap();
+            got.push((m.path, m.kind, m.meta, data));
+        }
+        assert_eq!(members.trailer(), Some(trailer));
+        assert_eq!(got.len(), 4);
+        assert_eq!(got[0].0, long);
+        assert_eq!(got[0].1, MemberKind::File { digest: [9; 32] });
+        assert_eq!(got[0].2, meta(0o7777777 + 5));
+        assert_eq!(got[0].3, b"abc");
+        assert_eq!(
+            got[1].1,
+            MemberKind::Symlink {
+                target: target.to_vec()
+            }
+        );
+        assert_eq!(
+            got[2].1,
+            MemberKind::HardLink {
+                target: long.to_vec()
+            }
+        );
+        assert_eq!(
+            (got[3].0.as_slice(), &got[3].1),
+            (&b"f"[..], &MemberKind::Fifo)
+        );
+    }
+
+    /// Counts the bytes read through it.
+    struct Counted<R> {
+        inner: R,
+        read: Rc<Cell<u64>>,
+    }
+
+    impl<R: Read> Read for Counted<R> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.inner.read(buf)?;
+            self.read.set(self.read.get() + n as u64);
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn oversized_extension_headers_are_refused_before_their_body_is_read() {
+        for (ty, expect) in [
+            (EntryType::XHeader, "PAX header of 1073741824 bytes"),
+            (EntryType::XGlobalHeader, "PAX header of 1073741824 bytes"),
+            (EntryType::GNULongName, "GNU long-name header"),
+            (EntryType::GNULongLink, "GNU long-name header"),
+        ] {
+            let mut h = Header::new_ustar();
+            h.set_entry_type(ty);
+            h.set_path("x").unwrap();
+            h.set_size(1 << 30);
+            h.set_cksum();
+            // The claimed GiB is really there, but never materialised by the test itself.
+            let read = Rc::new(Cell::new(0));
+            let input = Counted {
+                inner: io::Cursor::new(h.as_bytes().to_vec()).chain(io::repeat(0).take(1 << 30)),
+                read: read.clone(),
+            };
+            let mut archive = tar::Archive::new(input);
+            let mut members = MemberReader::new(&mut archive, 1 << 20).unwrap();
+            let Err(err) = members.next_member() else {
+                panic!("{ty:?} accepted");
+            };
+            assert!(format!("{err:#}").contains(expect), "{ty:?}: {err:#}");
+            assert!(read.get() <= 64 << 10, "{ty:?}: {} bytes read", read.get());
+        }
+    }
 
     #[test]
     fn pax_time_round_trips_including_negative_times() {
