@@ -263,7 +263,8 @@ pub async fn wait_for(
     let start = Instant::now();
     let limit = Duration::from_secs(config.dns.wait_seconds);
     let servers: Vec<Server> = authorities.iter().map(|a| Server::new(*a, None)).collect();
-    let mut last_report = Instant::now() - Duration::from_secs(60);
+    // Quiet for the first seconds: a secondary usually catches up within one NOTIFY.
+    let mut last_report = Instant::now();
     loop {
         let mut lagging = Vec::new();
         for server in &servers {

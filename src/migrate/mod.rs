@@ -304,11 +304,13 @@ pub async fn run(
     stop: &Arc<AtomicBool>,
 ) -> Result<()> {
     setup(cx, journal).await?;
+    // Both agents for the whole run: every tree goes through them, and their open channels
+    // keep the SSH connections up through long quiet waits (the DNS gate, a configure hook).
+    let (old, new) = tokio::join!(cx.old.agent(), cx.new.agent());
+    let (old, _) = (old?, new?);
     // A lock on old, held by its agent: a second controller (another config file, another
     // machine) cannot interleave its steps with ours.
-    let agent = cx.old.agent().await?;
-    agent
-        .call::<()>(&crate::remote::protocol::Request::Lock {
+    old.call::<()>(&crate::remote::protocol::Request::Lock {
             path: b"/run/relaymove-migrate.lock".to_vec(),
         })
         .await
@@ -460,6 +462,8 @@ async fn apply(cx: &mut Cx, journal: &Journal, step: StepId, plan: &Value) -> Re
 /// `None` when what `step` did still holds on the hosts, else why not.
 async fn still_holds(cx: &mut Cx, step: StepId, facts: &Value) -> Result<Option<String>> {
     match step {
+        // Repeatable while old serves mail: each pass leaves less for the final one.
+        StepId::Presync => Ok(Some("old still serves mail".into())),
         StepId::PrepareNew => services::units_stopped(&cx.new, &cx.profile).await,
         StepId::DisableOld => services::units_stopped(&cx.old, &cx.profile).await,
         StepId::FinalSync => trees::still_equal(cx).await,

@@ -164,11 +164,14 @@ pub async fn prepare_new(cx: &mut Cx) -> Result<Value> {
 pub async fn disable_old(cx: &mut Cx, plan: &Value) -> Result<Value> {
     let step = StepId::DisableOld;
     let units = cx.profile.units();
-    // Postfix first: from here senders get "connection refused" and keep their mail, while
-    // Dovecot takes the last LMTP deliveries Postfix makes while stopping.
-    stop(&cx.old, &cx.profile, cx.profile.stop_order).await?;
-    let mut disable = vec!["systemctl", "disable", "--quiet"];
-    disable.extend(units.iter().copied());
+    // Postfix first, alone: from here senders get "connection refused" and keep their mail,
+    // while Dovecot takes the last LMTP deliveries Postfix makes while stopping. The others
+    // then stop in one transaction, in parallel (OpenDKIM alone takes ~4 s to stop).
+    let (first, rest) = cx.profile.stop_order.split_at(1);
+    stop(&cx.old, &cx.profile, first).await?;
+    let mut disable = vec!["systemctl", "disable", "--now", "--quiet"];
+    disable.extend(rest.iter().copied());
+    disable.extend(first.iter().copied());
     cx.old.run(&disable).await?;
     if let Some(why) = units_stopped(&cx.old, &cx.profile).await? {
         bail!("{why} after stopping it");
