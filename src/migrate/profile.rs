@@ -40,6 +40,10 @@ pub struct Profile {
     /// Units in stop order. Postfix first: it stops accepting mail while Dovecot still
     /// takes the last LMTP deliveries of the queue; OpenDKIM last.
     pub stop_order: &'static [&'static str],
+    /// Units of `stop_order` old may stop in the background while the final sync runs:
+    /// they touch none of the moved trees (OpenDKIM only signs outgoing mail, and takes
+    /// seconds to stop).
+    pub stop_in_background: &'static [&'static str],
     /// Units in start order: OpenDKIM before Postfix (its milter socket), Dovecot before
     /// Postfix (auth and LMTP sockets).
     pub start_order: &'static [&'static str],
@@ -143,6 +147,7 @@ impl Profile {
             queue: PathBuf::from("/var/spool/postfix"),
             queue_excludes: QUEUE_EXCLUDES,
             stop_order: STOP,
+            stop_in_background: &["opendkim"],
             start_order: START,
             postfix_unit: "postfix@-",
             ports: PORTS,

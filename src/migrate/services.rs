@@ -165,16 +165,26 @@ pub async fn disable_old(cx: &mut Cx, plan: &Value) -> Result<Value> {
     let step = StepId::DisableOld;
     let units = cx.profile.units();
     // Postfix first, alone: from here senders get "connection refused" and keep their mail,
-    // while Dovecot takes the last LMTP deliveries Postfix makes while stopping. The others
-    // then stop in one transaction, in parallel (OpenDKIM alone takes ~4 s to stop).
-    let (first, rest) = cx.profile.stop_order.split_at(1);
-    stop(&cx.old, &cx.profile, first).await?;
-    let mut disable = vec!["systemctl", "disable", "--now", "--quiet"];
-    disable.extend(rest.iter().copied());
-    disable.extend(first.iter().copied());
+    // while Dovecot takes the last LMTP deliveries Postfix makes while stopping. Then Dovecot,
+    // which must be down before the final sync reads the mailboxes. OpenDKIM only signs
+    // outgoing mail and takes ~4 s to stop: it stops in the background, and the final sync
+    // waits for it at its end, out of the downtime's critical path.
+    let (background, now): (Vec<&str>, Vec<&str>) = cx
+        .profile
+        .stop_order
+        .iter()
+        .partition(|u| cx.profile.stop_in_background.contains(u));
+    stop(&cx.old, &cx.profile, &now).await?;
+    for unit in &background {
+        cx.old.run(&["systemctl", "stop", "--no-block", unit]).await?;
+    }
+    // --no-reload: disabling changes only what starts at boot; a reload costs a second here.
+    let mut disable = vec!["systemctl", "disable", "--no-reload", "--quiet"];
+    disable.extend(units.iter().copied());
     cx.old.run(&disable).await?;
-    if let Some(why) = units_stopped(&cx.old, &cx.profile).await? {
-        bail!("{why} after stopping it");
+    let running = running(&cx.old, &cx.profile).await?;
+    if let Some(unit) = running.iter().find(|u| now.contains(u)) {
+        bail!("{unit} runs on old after stopping it");
     }
     let open = match mail_address(cx, &cx.old) {
         Some(ip) => wait_ports(ip, &cx.profile, false, Duration::from_secs(10)).await,
@@ -195,17 +205,32 @@ pub async fn disable_old(cx: &mut Cx, plan: &Value) -> Result<Value> {
     }))
 }
 
+/// Waits until none of the mail daemons runs on `node` (a unit stopped in the background).
+pub async fn wait_stopped(node: &Node, profile: &Profile, limit: Duration) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        match units_stopped(node, profile).await? {
+            None => return Ok(()),
+            Some(why) if start.elapsed() >= limit => bail!("{why} {}s after stopping it", limit.as_secs()),
+            Some(_) => tokio::time::sleep(Duration::from_millis(300)).await,
+        }
+    }
+}
+
 pub async fn activate_new(cx: &mut Cx) -> Result<Value> {
     let step = StepId::ActivateNew;
     cx.new.run(&["systemctl", "daemon-reload"]).await?;
     let mut enable = vec!["systemctl", "enable", "--quiet"];
     enable.extend(cx.profile.start_order.iter().copied());
     cx.new.run(&enable).await?;
-    // restart, not start: a daemon that ran before (Debian's install, a configure hook) would
-    // otherwise keep the configuration and keys it read then.
+    // Stop first (a re-run after an interruption finds them running): Postfix must never run
+    // while Dovecot restarts, or it defers the LMTP deliveries in between for its backoff
+    // time (5 minutes and more). Then start, not merely keep, each in order: a daemon that ran
+    // before (Debian's install, a configure hook) would keep the config and keys it read then.
+    stop(&cx.new, &cx.profile, cx.profile.stop_order).await?;
     for unit in cx.profile.start_order {
         cx.new
-            .run(&["systemctl", "restart", unit])
+            .run(&["systemctl", "start", unit])
             .await
             .with_context(|| format!("starting {unit} on new"))?;
     }
@@ -221,6 +246,9 @@ pub async fn activate_new(cx: &mut Cx) -> Result<Value> {
         );
     }
     cx.note(step, &format!("new answers on ports {:?}", cx.profile.ports));
+    // The moved queue's deferred mail would wait out old's backoff; deliver it now (held
+    // mail stays held).
+    cx.new.run(&["postqueue", "-f"]).await?;
     let certificate = served_certificate(cx).await?;
     cx.note(step, &certificate);
     let dkim = dkim_key_published(cx).await?;

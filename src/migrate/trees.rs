@@ -144,6 +144,8 @@ pub async fn final_sync(cx: &mut Cx) -> Result<Value> {
         .await
         .context("`postfix check` on new after moving the queue")?;
     let queue_after = queue_files(cx, &queue, &excludes).await?;
+    // disable_old stopped OpenDKIM in the background.
+    crate::migrate::services::wait_stopped(&cx.old, &cx.profile, std::time::Duration::from_secs(60)).await?;
     if queue_before.1 != queue_after.1 {
         bail!(
             "the queue on new differs from old's after `postsuper -s`: {:?} on old, {:?} on new",
