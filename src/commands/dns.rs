@@ -3,9 +3,9 @@
 use crate::config::Config;
 use crate::dns::change::{self, describe, now_unix, Direction, StagingState};
 use crate::dns::checks;
-use crate::report::finding::Level;
 use crate::dns::server::Server;
 use crate::dns::status::{self, agreement, Names, ServerView};
+use crate::report::finding::Level;
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 use serde::Serialize;
@@ -73,6 +73,11 @@ pub fn run(cmd: DnsCmd) -> Result<i32> {
             DnsAction::Check => check(&config, cmd.json).await,
         }
     })
+}
+
+/// Progress and instructions of a DNS change, on stderr (stdout holds the result).
+fn say(message: &str) {
+    eprintln!("relaymove: {message}");
 }
 
 /// `YYYY-MM-DD HH:MM:SS UTC` for Unix seconds (civil-from-days, H. Hinnant's algorithm).
@@ -285,7 +290,7 @@ fn print_change(report: &ChangeReport, json: bool) -> Result<()> {
 }
 
 async fn switch(config: &Config, direction: Direction, json: bool) -> Result<i32> {
-    let Some(switched) = change::switch(config, direction, json).await? else {
+    let Some(switched) = change::switch(config, direction, &say).await? else {
         if !json {
             println!(
                 "{} already points at the {} host; nothing to do",
@@ -338,8 +343,8 @@ async fn lower_ttl(config: &Config, ttl: u32, json: bool) -> Result<i32> {
     let took = if changes.is_empty() {
         std::time::Duration::ZERO
     } else {
-        change::apply(config, &names, primary, &changes, "lower-ttl").await?;
-        change::wait_for(config, &authorities, &changes, json).await?
+        change::apply(config, &names, primary, &changes, "lower-ttl", &say).await?;
+        change::wait_for(config, &authorities, &changes, &say).await?
     };
     state.previous_ttl = previous;
     state.low_ttl = ttl;
@@ -383,8 +388,8 @@ async fn raise_ttl(config: &Config, to: Option<u32>, json: bool) -> Result<i32> 
     let took = if changes.is_empty() {
         std::time::Duration::ZERO
     } else {
-        change::apply(config, &names, primary, &changes, "raise-ttl").await?;
-        change::wait_for(config, &authorities, &changes, json).await?
+        change::apply(config, &names, primary, &changes, "raise-ttl", &say).await?;
+        change::wait_for(config, &authorities, &changes, &say).await?
     };
     if state.is_some() {
         std::fs::remove_file(&path).ok();

@@ -15,7 +15,12 @@ use std::path::PathBuf;
 #[derive(Args, Debug)]
 pub struct ConfigArgs {
     /// The migration's configuration file.
-    #[arg(long, short = 'c', default_value = "relaymove.toml", env = "RELAYMOVE_CONFIG")]
+    #[arg(
+        long,
+        short = 'c',
+        default_value = "relaymove.toml",
+        env = "RELAYMOVE_CONFIG"
+    )]
     pub config: PathBuf,
     /// JSON Lines on stdout (one object per event, tagged by `type`) instead of text.
     #[arg(long)]
@@ -175,7 +180,9 @@ async fn plan_of(cx: &mut Cx) -> Result<bool> {
     let records = journal::read(&migrate::journal_path(&cx.config))?;
     let records = journal::current(&records);
     let dns = match change::plan_changes(&cx.config, Direction::Cutover).await {
-        Ok(lines) if lines.is_empty() => vec![format!("{} already points at new", cx.config.domain)],
+        Ok(lines) if lines.is_empty() => {
+            vec![format!("{} already points at new", cx.config.domain)]
+        }
         Ok(lines) => lines,
         Err(e) => vec![format!("cannot plan the DNS change: {e:#}")],
     };
@@ -278,13 +285,22 @@ async fn plan_of(cx: &mut Cx) -> Result<bool> {
 fn state_line(state: &StepState) -> String {
     match state {
         StepState::Pending => "pending".into(),
-        StepState::Running { since } => format!("started {} and not finished (interrupted, or running now)", crate::commands::dns::utc(*since)),
+        StepState::Running { since } => format!(
+            "started {} and not finished (interrupted, or running now)",
+            crate::commands::dns::utc(*since)
+        ),
         StepState::Done { at, facts } => format!(
             "done {}{}",
             crate::commands::dns::utc(*at),
-            facts.get("summary").and_then(Value::as_str).map(|s| format!(": {s}")).unwrap_or_default()
+            facts
+                .get("summary")
+                .and_then(Value::as_str)
+                .map(|s| format!(": {s}"))
+                .unwrap_or_default()
         ),
-        StepState::Failed { at, error } => format!("FAILED {}: {error}", crate::commands::dns::utc(*at)),
+        StepState::Failed { at, error } => {
+            format!("FAILED {}: {error}", crate::commands::dns::utc(*at))
+        }
     }
 }
 
@@ -331,15 +347,37 @@ pub fn status(cmd: StatusCmd) -> Result<i32> {
         })
     });
     if out.json() {
-        println!("{}", json!({"type": "status", "journal": path, "running": running, "steps": steps, "now": now}));
+        println!(
+            "{}",
+            json!({"type": "status", "journal": path, "running": running, "steps": steps, "now": now})
+        );
         return Ok(0);
     }
-    println!("journal {}{}", path.display(), if running { " (a migrate or rollback runs now)" } else { "" });
+    println!(
+        "journal {}{}",
+        path.display(),
+        if running {
+            " (a migrate or rollback runs now)"
+        } else {
+            ""
+        }
+    );
     if records.is_empty() {
-        println!("no migration recorded since {}", if all.is_empty() { "ever" } else { "the last rollback" });
+        println!(
+            "no migration recorded since {}",
+            if all.is_empty() {
+                "ever"
+            } else {
+                "the last rollback"
+            }
+        );
     }
     for s in &steps {
-        println!("  {:<13} {}", s["step"].as_str().unwrap_or(""), s["state"].as_str().unwrap_or(""));
+        println!(
+            "  {:<13} {}",
+            s["step"].as_str().unwrap_or(""),
+            s["state"].as_str().unwrap_or("")
+        );
     }
     println!("now:");
     if let Some(obj) = now.as_object() {

@@ -16,6 +16,10 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+/// Where progress and the manual provider's instructions go: the caller decides (stderr
+/// lines, or events).
+pub type Say<'a> = &'a (dyn Fn(&str) + Sync);
+
 pub fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -143,6 +147,7 @@ pub async fn apply(
     primary: SocketAddr,
     changes: &[RrsetChange],
     action: &str,
+    say: Say<'_>,
 ) -> Result<()> {
     match config.dns.provider {
         Provider::Rfc2136 => {
@@ -185,30 +190,25 @@ pub async fn apply(
             }
         }
         Provider::Manual => {
-            eprintln!(
-                "relaymove: {action}: set these records in zone {} at your DNS provider:",
+            say(&format!(
+                "{action}: set these records in zone {} at your DNS provider:",
                 names.zone
-            );
+            ));
             for c in changes {
-                eprintln!(
+                let current: Vec<String> = c.current.iter().map(zone_line).collect();
+                say(&format!(
                     "  delete: {}",
-                    if c.current.is_empty() {
+                    if current.is_empty() {
                         "(nothing)".to_string()
                     } else {
-                        c.current
-                            .iter()
-                            .map(zone_line)
-                            .collect::<Vec<_>>()
-                            .join("; ")
+                        current.join("; ")
                     }
-                );
+                ));
                 for r in &c.desired {
-                    eprintln!("  set:    {}", zone_line(r));
+                    say(&format!("  set:    {}", zone_line(r)));
                 }
             }
-            eprintln!(
-                "relaymove: waiting until every authoritative server serves them (Ctrl-C to stop)"
-            );
+            say("waiting until every authoritative server serves them (Ctrl-C to stop)");
             Ok(())
         }
         Provider::Command => {
@@ -258,7 +258,7 @@ pub async fn wait_for(
     config: &Config,
     authorities: &[SocketAddr],
     changes: &[RrsetChange],
-    quiet: bool,
+    say: Say<'_>,
 ) -> Result<Duration> {
     let start = Instant::now();
     let limit = Duration::from_secs(config.dns.wait_seconds);
@@ -303,12 +303,12 @@ pub async fn wait_for(
                 lagging.join("; ")
             );
         }
-        if !quiet && last_report.elapsed() >= Duration::from_secs(5) {
-            eprintln!(
-                "relaymove: waiting for {} ({}s so far)",
+        if last_report.elapsed() >= Duration::from_secs(5) {
+            say(&format!(
+                "waiting for {} ({}s so far)",
                 lagging.join("; "),
                 start.elapsed().as_secs()
-            );
+            ));
             last_report = Instant::now();
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -391,7 +391,11 @@ async fn plan_switch(
 /// Swaps the domain's A/AAAA between the hosts' addresses (compare-and-swap at the
 /// primary), then waits until every authoritative server serves the result. `None` when
 /// the zone already points where `direction` leads.
-pub async fn switch(config: &Config, direction: Direction, quiet: bool) -> Result<Option<Switched>> {
+pub async fn switch(
+    config: &Config,
+    direction: Direction,
+    say: Say<'_>,
+) -> Result<Option<Switched>> {
     let (names, authorities, primary, changes) = plan_switch(config, direction).await?;
     if changes.is_empty() {
         return Ok(None);
@@ -400,9 +404,9 @@ pub async fn switch(config: &Config, direction: Direction, quiet: bool) -> Resul
         .iter()
         .flat_map(|c| c.current.iter().map(|r| r.ttl))
         .max();
-    apply(config, &names, primary, &changes, direction.action()).await?;
+    apply(config, &names, primary, &changes, direction.action(), say).await?;
     let applied = now_unix();
-    let took = wait_for(config, &authorities, &changes, quiet).await?;
+    let took = wait_for(config, &authorities, &changes, say).await?;
     Ok(Some(Switched {
         changed: describe(&changes),
         propagation_s: took.as_secs_f64(),
@@ -633,7 +637,7 @@ mod server_tests {
         k.nsupdate(
             "update delete mail.example.org. A\nupdate add mail.example.org. 3600 A 203.0.113.5",
         );
-        let err = apply(&config, &names, primary, &[stale], "cutover")
+        let err = apply(&config, &names, primary, &[stale], "cutover", &|_: &str| {})
             .await
             .unwrap_err();
         let said = format!("{err:#}");

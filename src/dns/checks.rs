@@ -6,9 +6,9 @@
 //! `ip4`, `ip6`, `redirect`, the 10-lookup limit), through the configured resolver.
 
 use crate::config::Config;
-use crate::report::finding::{Finding, Level};
 use crate::dns::server::Server;
 use crate::dns::status::{address, fqdn, resolver_addr, rrset, txt_value, Names};
+use crate::report::finding::{Finding, Level};
 use anyhow::{anyhow, Context, Result};
 use hickory_proto::rr::{RData, RecordType};
 use mail_auth::hickory_resolver::config::{

@@ -93,9 +93,9 @@ pub enum Record {
 impl Record {
     pub fn step(&self) -> Option<&str> {
         match self {
-            Record::Started { step, .. } | Record::Done { step, .. } | Record::Failed { step, .. } => {
-                Some(step)
-            }
+            Record::Started { step, .. }
+            | Record::Done { step, .. }
+            | Record::Failed { step, .. } => Some(step),
             _ => None,
         }
     }
@@ -197,9 +197,17 @@ pub fn current(records: &[Record]) -> &[Record] {
 pub enum StepState {
     Pending,
     /// Started, not finished: interrupted, or running now.
-    Running { since: u64 },
-    Done { at: u64, facts: serde_json::Value },
-    Failed { at: u64, error: String },
+    Running {
+        since: u64,
+    },
+    Done {
+        at: u64,
+        facts: serde_json::Value,
+    },
+    Failed {
+        at: u64,
+        error: String,
+    },
 }
 
 pub fn state_of(records: &[Record], step: &str) -> StepState {

@@ -90,11 +90,17 @@ impl StepId {
             StepId::Preflight => "check both hosts, the DNS and the plan; change nothing",
             StepId::Presync => "first copy of every tree while old serves mail (repeatable)",
             StepId::PrepareNew => "new's mail daemons stopped; the configure hook, if any",
-            StepId::DisableOld => "old stops accepting mail: Postfix, then Dovecot and OpenDKIM, disabled",
-            StepId::FinalSync => "final pass of every tree and the Postfix queue, then proof by SHA-256",
+            StepId::DisableOld => {
+                "old stops accepting mail: Postfix, then Dovecot and OpenDKIM, disabled"
+            }
+            StepId::FinalSync => {
+                "final pass of every tree and the Postfix queue, then proof by SHA-256"
+            }
             StepId::Ownership => "owners by name on new, uid/gid mappings",
             StepId::DnsCutover => "A/AAAA to new, on every authoritative server",
-            StepId::ActivateNew => "new starts: OpenDKIM, Dovecot, Postfix; ports, certificate, DKIM key",
+            StepId::ActivateNew => {
+                "new starts: OpenDKIM, Dovecot, Postfix; ports, certificate, DKIM key"
+            }
             StepId::Verify => "Dovecot's view on new against old's files; held mail",
             StepId::Finish => "old stays disabled for rollback; when to raise the TTL",
         }
@@ -248,7 +254,9 @@ async fn host_key(node: &Node) -> Result<String> {
         .await
         .with_context(|| format!("reading the host key of {}", node.label()))?;
     let field = text.split_whitespace().nth(1).unwrap_or_default();
-    Ok(crate::sync::hash_cache::hex(&Sha256::digest(field.as_bytes())))
+    Ok(crate::sync::hash_cache::hex(&Sha256::digest(
+        field.as_bytes(),
+    )))
 }
 
 /// Where the journal of this config lives.
@@ -311,14 +319,19 @@ pub async fn run(
     // A lock on old, held by its agent: a second controller (another config file, another
     // machine) cannot interleave its steps with ours.
     old.call::<()>(&crate::remote::protocol::Request::Lock {
-            path: b"/run/relaymove-migrate.lock".to_vec(),
-        })
-        .await
-        .context("locking the migration on old")?;
+        path: b"/run/relaymove-migrate.lock".to_vec(),
+    })
+    .await
+    .context("locking the migration on old")?;
     let last_done = STEPS
         .iter()
         .rev()
-        .find(|s| matches!(journal::state_of(journal.current(), s.id()), StepState::Done { .. }))
+        .find(|s| {
+            matches!(
+                journal::state_of(journal.current(), s.id()),
+                StepState::Done { .. }
+            )
+        })
         .copied();
     for step in STEPS {
         if step > range.until {
@@ -365,7 +378,9 @@ pub async fn run(
                         });
                         continue;
                     }
-                    Some(why) => cx.note(step, &format!("recorded done, but {why}: running it again")),
+                    Some(why) => {
+                        cx.note(step, &format!("recorded done, but {why}: running it again"))
+                    }
                 }
             }
         }
@@ -467,10 +482,12 @@ async fn still_holds(cx: &mut Cx, step: StepId, facts: &Value) -> Result<Option<
         StepId::PrepareNew => services::units_stopped(&cx.new, &cx.profile).await,
         StepId::DisableOld => services::units_stopped(&cx.old, &cx.profile).await,
         StepId::FinalSync => trees::still_equal(cx).await,
-        StepId::DnsCutover => Ok(match change::pending(&cx.config, Direction::Cutover).await? {
-            0 => None,
-            n => Some(format!("{n} record set(s) do not point at new")),
-        }),
+        StepId::DnsCutover => Ok(
+            match change::pending(&cx.config, Direction::Cutover).await? {
+                0 => None,
+                n => Some(format!("{n} record set(s) do not point at new")),
+            },
+        ),
         StepId::ActivateNew => services::units_running(&cx.new, &cx.profile).await,
         // Read-only or reporting steps: what they found is not undone by time.
         _ => {
@@ -505,7 +522,10 @@ async fn dns_gate(cx: &Cx, stop: &Arc<AtomicBool>) -> Result<()> {
         return Ok(());
     }
     if cx.options.force_dns {
-        cx.note(step, "the old TTL has not run out yet; going on because of --force-dns");
+        cx.note(
+            step,
+            "the old TTL has not run out yet; going on because of --force-dns",
+        );
         return Ok(());
     }
     if safe - now > MAX_WAIT {
@@ -551,13 +571,19 @@ fn confirm(cx: &Cx) -> Result<()> {
     if matches!(answer.trim(), "y" | "Y" | "yes") {
         Ok(())
     } else {
-        bail!("not confirmed; nothing was taken down\nhint: run `relaymove migrate` again when ready")
+        bail!(
+            "not confirmed; nothing was taken down\nhint: run `relaymove migrate` again when ready"
+        )
     }
 }
 
 async fn dns_cutover(cx: &mut Cx) -> Result<Value> {
     let step = StepId::DnsCutover;
-    match change::switch(&cx.config, Direction::Cutover, cx.out.json()).await? {
+    match change::switch(&cx.config, Direction::Cutover, &|m: &str| {
+        cx.out.note("dns_cutover", m)
+    })
+    .await?
+    {
         None => Ok(json!({"summary": format!("{} already points at new", cx.config.domain)})),
         Some(switched) => {
             for line in &switched.changed {
@@ -621,7 +647,9 @@ pub fn stop_on_signals() -> Arc<AtomicBool> {
                 _ = term.recv() => {}
             }
             if flag.swap(true, Ordering::SeqCst) {
-                eprintln!("relaymove: interrupted again: stopping now; run `relaymove migrate` to resume");
+                eprintln!(
+                    "relaymove: interrupted again: stopping now; run `relaymove migrate` to resume"
+                );
                 std::process::exit(130);
             }
             eprintln!("relaymove: interrupted: stopping after the current step (Ctrl-C again to stop at once)");

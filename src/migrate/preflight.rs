@@ -87,7 +87,10 @@ pub async fn check(cx: &mut Cx) -> Result<(Vec<Finding>, Value)> {
         let name = node.label();
         let get = |k: &str| facts.get(k).map(String::as_str).unwrap_or("");
         if get("uid") == "0" {
-            f.push(Finding::ok("root", format!("{name}: reachable over SSH as root, host key verified")));
+            f.push(Finding::ok(
+                "root",
+                format!("{name}: reachable over SSH as root, host key verified"),
+            ));
         } else {
             f.push(Finding::fail(
                 "root",
@@ -100,7 +103,14 @@ pub async fn check(cx: &mut Cx) -> Result<(Vec<Finding>, Value)> {
         } else {
             f.push(Finding::fail(
                 "system",
-                format!("{name}: {} is not Debian", if get("os_name").is_empty() { "the system" } else { get("os_name") }),
+                format!(
+                    "{name}: {} is not Debian",
+                    if get("os_name").is_empty() {
+                        "the system"
+                    } else {
+                        get("os_name")
+                    }
+                ),
                 "relaymove moves Debian mail servers; both hosts must run Debian",
             ));
         }
@@ -151,7 +161,11 @@ pub async fn check(cx: &mut Cx) -> Result<(Vec<Finding>, Value)> {
     let trees = match present_trees(cx).await {
         Ok(t) => t,
         Err(e) => {
-            f.push(Finding::fail("trees", format!("{e:#}"), "fix the profile or [migrate] in the config"));
+            f.push(Finding::fail(
+                "trees",
+                format!("{e:#}"),
+                "fix the profile or [migrate] in the config",
+            ));
             Vec::new()
         }
     };
@@ -167,9 +181,13 @@ pub async fn check(cx: &mut Cx) -> Result<(Vec<Finding>, Value)> {
     // Per file system on new: what the trees still need there, and what it has.
     let mut need: BTreeMap<String, (u64, u64, u64, u64)> = BTreeMap::new();
     for line in free_text.lines() {
-        let Some((path, rest)) = line.split_once('\t') else { continue };
+        let Some((path, rest)) = line.split_once('\t') else {
+            continue;
+        };
         let fields: Vec<&str> = rest.split_whitespace().collect();
-        let [avail, iavail, target] = fields[..] else { continue };
+        let [avail, iavail, target] = fields[..] else {
+            continue;
+        };
         let (ob, oi) = old_sizes.get(path).copied().unwrap_or_default();
         let (nb, ni) = new_sizes.get(path).copied().unwrap_or_default();
         let e = need.entry(target.to_string()).or_default();
@@ -194,7 +212,11 @@ pub async fn check(cx: &mut Cx) -> Result<(Vec<Finding>, Value)> {
         } else {
             f.push(Finding::ok(
                 "space",
-                format!("new's {fs}: {:.1} GB free, {:.1} GB to copy", *avail as f64 / 1e9, *bytes as f64 / 1e9),
+                format!(
+                    "new's {fs}: {:.1} GB free, {:.1} GB to copy",
+                    *avail as f64 / 1e9,
+                    *bytes as f64 / 1e9
+                ),
             ));
         }
     }
@@ -227,8 +249,23 @@ pub async fn check(cx: &mut Cx) -> Result<(Vec<Finding>, Value)> {
         let cert = cert.to_string_lossy().into_owned();
         if cx.old.test(&["test", "-e", &cert]).await? {
             let secs = (CERT_DAYS * 86400).to_string();
-            if cx.old.test(&["openssl", "x509", "-checkend", &secs, "-noout", "-in", &cert]).await? {
-                f.push(Finding::ok("certificate", format!("{cert} on old is valid for more than {CERT_DAYS} days")));
+            if cx
+                .old
+                .test(&[
+                    "openssl",
+                    "x509",
+                    "-checkend",
+                    &secs,
+                    "-noout",
+                    "-in",
+                    &cert,
+                ])
+                .await?
+            {
+                f.push(Finding::ok(
+                    "certificate",
+                    format!("{cert} on old is valid for more than {CERT_DAYS} days"),
+                ));
             } else {
                 f.push(Finding::warn(
                     "certificate",
@@ -255,7 +292,13 @@ pub async fn check(cx: &mut Cx) -> Result<(Vec<Finding>, Value)> {
         Some(s) => {
             let at = s.safe_cutover_at();
             if at <= now_unix() {
-                f.push(Finding::ok("ttl", format!("TTL {}s served everywhere; the cutover is safe now", s.low_ttl)));
+                f.push(Finding::ok(
+                    "ttl",
+                    format!(
+                        "TTL {}s served everywhere; the cutover is safe now",
+                        s.low_ttl
+                    ),
+                ));
             } else {
                 f.push(Finding::warn(
                     "ttl",
@@ -268,13 +311,20 @@ pub async fn check(cx: &mut Cx) -> Result<(Vec<Finding>, Value)> {
     let names = crate::dns::status::Names::of(&cx.config)?;
     match crate::dns::checks::run(&cx.config, &names).await {
         Ok(found) => {
-            for finding in found.into_iter().filter(|x| x.check.starts_with("SPF") || x.check.starts_with("PTR")) {
+            for finding in found
+                .into_iter()
+                .filter(|x| x.check.starts_with("SPF") || x.check.starts_with("PTR"))
+            {
                 // Receivers' opinions, not the move's correctness: never a reason to stop.
                 let level = finding.level.min(Level::Warn);
                 f.push(Finding { level, ..finding });
             }
         }
-        Err(e) => f.push(Finding::warn("dns", format!("{e:#}"), "check [dns] resolver")),
+        Err(e) => f.push(Finding::warn(
+            "dns",
+            format!("{e:#}"),
+            "check [dns] resolver",
+        )),
     }
     let measured = json!({
         "trees": trees.iter().map(|t| json!({
@@ -312,7 +362,10 @@ mod tests {
 
     #[test]
     fn versions_compare_by_upstream_major_minor() {
-        assert_eq!(major_minor("1:2.3.19.1+dfsg1-2.1+deb12u1").as_deref(), Some("2.3"));
+        assert_eq!(
+            major_minor("1:2.3.19.1+dfsg1-2.1+deb12u1").as_deref(),
+            Some("2.3")
+        );
         assert_eq!(major_minor("2.4.1+dfsg1-6").as_deref(), Some("2.4"));
         assert_eq!(major_minor("3.7.11-0+deb12u1").as_deref(), Some("3.7"));
         assert_eq!(major_minor(""), None);

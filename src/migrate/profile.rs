@@ -57,7 +57,14 @@ pub struct Profile {
 }
 
 const QUEUE_EXCLUDES: &[&str] = &[
-    "/dev", "/etc", "/lib", "/usr", "/pid", "/private", "/public", "/opendkim",
+    "/dev",
+    "/etc",
+    "/lib",
+    "/usr",
+    "/pid",
+    "/private",
+    "/public",
+    "/opendkim",
 ];
 const STOP: &[&str] = &["postfix", "dovecot", "opendkim"];
 const START: &[&str] = &["opendkim", "dovecot", "postfix"];
@@ -151,7 +158,9 @@ impl Profile {
             start_order: START,
             postfix_unit: "postfix@-",
             ports: PORTS,
-            certificate: Some(PathBuf::from(format!("/var/lib/acme/live/{domain}/fullchain"))),
+            certificate: Some(PathBuf::from(format!(
+                "/var/lib/acme/live/{domain}/fullchain"
+            ))),
             dkim_key: PathBuf::from("/etc/dkimkeys/opendkim.private"),
         }
     }

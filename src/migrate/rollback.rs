@@ -47,7 +47,10 @@ pub async fn run(cx: &mut Cx, journal: &mut Journal) -> Result<()> {
     let dns_moved = started(&records, StepId::DnsCutover);
     let before = journal::first_plan(&records, StepId::DisableOld.id()).cloned();
     for part in [Part::StopNew, Part::SyncBack, Part::DnsBack, Part::StartOld] {
-        if matches!(journal::state_of(&records, part.id()), StepState::Done { .. }) {
+        if matches!(
+            journal::state_of(&records, part.id()),
+            StepState::Done { .. }
+        ) {
             continue;
         }
         journal.append(Record::Started {
@@ -90,7 +93,18 @@ pub async fn run(cx: &mut Cx, journal: &mut Journal) -> Result<()> {
 async fn stop_new(cx: &mut Cx) -> Result<Value> {
     let units = cx.profile.units();
     for unit in cx.profile.stop_order {
-        cx.new.run(&["systemctl", "stop", unit, if *unit == "postfix" { cx.profile.postfix_unit } else { unit }]).await?;
+        cx.new
+            .run(&[
+                "systemctl",
+                "stop",
+                unit,
+                if *unit == "postfix" {
+                    cx.profile.postfix_unit
+                } else {
+                    unit
+                },
+            ])
+            .await?;
     }
     let mut disable = vec!["systemctl", "disable", "--quiet"];
     disable.extend(units.iter().copied());
@@ -107,7 +121,10 @@ async fn sync_back(cx: &mut Cx) -> Result<Value> {
     let mail_root = cx.profile.trees[0].path.clone();
     let queue = cx.profile.queue.clone();
     let mut lines = Vec::new();
-    for (root, excludes) in [(mail_root, Vec::new()), (queue, cx.profile.queue_excludes())] {
+    for (root, excludes) in [
+        (mail_root, Vec::new()),
+        (queue, cx.profile.queue_excludes()),
+    ] {
         let opts = MirrorOptions {
             delete: true,
             excludes,
@@ -116,11 +133,7 @@ async fn sync_back(cx: &mut Cx) -> Result<Value> {
             ..MirrorOptions::default()
         };
         let outcome = back(cx, &root, &opts).await?;
-        lines.push(format!(
-            "{}: {} files back to old",
-            root.display(),
-            outcome
-        ));
+        lines.push(format!("{}: {} files back to old", root.display(), outcome));
     }
     cx.old.run(&["postsuper", "-s"]).await?;
     Ok(json!({"summary": lines.join("; ")}))
@@ -129,23 +142,24 @@ async fn sync_back(cx: &mut Cx) -> Result<Value> {
 async fn back(cx: &mut Cx, root: &PathBuf, opts: &MirrorOptions) -> Result<u64> {
     let new = cx.new.agent().await?;
     let old = cx.old.agent().await?;
-    let outcome = mirror(
-        Side { agent: new, root },
-        Side { agent: old, root },
-        opts,
-    )
-    .await?;
+    let outcome = mirror(Side { agent: new, root }, Side { agent: old, root }, opts).await?;
     Ok(outcome.stats.files_written)
 }
 
 async fn dns_back(cx: &mut Cx) -> Result<Value> {
-    Ok(match change::switch(&cx.config, Direction::Rollback, cx.out.json()).await? {
-        None => json!({"summary": format!("{} already points at old", cx.config.domain)}),
-        Some(s) => json!({
-            "summary": format!("{} back to old on every authoritative server ({:.1}s)", s.changed.join("; "), s.propagation_s),
-            "switched": s,
-        }),
-    })
+    Ok(
+        match change::switch(&cx.config, Direction::Rollback, &|m: &str| {
+            cx.out.note("rollback", m)
+        })
+        .await?
+        {
+            None => json!({"summary": format!("{} already points at old", cx.config.domain)}),
+            Some(s) => json!({
+                "summary": format!("{} back to old on every authoritative server ({:.1}s)", s.changed.join("; "), s.propagation_s),
+                "switched": s,
+            }),
+        },
+    )
 }
 
 /// Old's units as they were before `disable_old`: enabled ones enabled, active ones started
@@ -160,13 +174,24 @@ async fn start_old(cx: &mut Cx, before: Option<&Value>) -> Result<Value> {
             .and_then(Value::as_str)
             .is_some_and(|s| s == want)
     };
-    let enable: Vec<&str> = cx.profile.units().into_iter().filter(|u| was(u, "enabled", "enabled")).collect();
+    let enable: Vec<&str> = cx
+        .profile
+        .units()
+        .into_iter()
+        .filter(|u| was(u, "enabled", "enabled"))
+        .collect();
     if !enable.is_empty() {
         let mut argv = vec!["systemctl", "enable", "--quiet"];
         argv.extend(enable.iter().copied());
         cx.old.run(&argv).await?;
     }
-    let start: Vec<&str> = cx.profile.start_order.iter().copied().filter(|u| was(u, "active", "active")).collect();
+    let start: Vec<&str> = cx
+        .profile
+        .start_order
+        .iter()
+        .copied()
+        .filter(|u| was(u, "active", "active"))
+        .collect();
     for unit in &start {
         cx.old.run(&["systemctl", "restart", unit]).await?;
     }
@@ -185,5 +210,7 @@ async fn start_old(cx: &mut Cx, before: Option<&Value>) -> Result<Value> {
             }
         }
     }
-    Ok(json!({"summary": format!("old serves mail again: enabled {}, started {}", enable.join(" "), start.join(" "))}))
+    Ok(
+        json!({"summary": format!("old serves mail again: enabled {}, started {}", enable.join(" "), start.join(" "))}),
+    )
 }

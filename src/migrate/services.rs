@@ -14,13 +14,18 @@ use std::time::{Duration, Instant};
 pub async fn observe_units(node: &Node, profile: &Profile) -> Result<Value> {
     let mut units = serde_json::Map::new();
     for unit in profile.units() {
-        let enabled = node.host.run_status(&["systemctl", "is-enabled", unit]).await;
+        let enabled = node
+            .host
+            .run_status(&["systemctl", "is-enabled", unit])
+            .await;
         let active = node
             .host
             .run_status(&["systemctl", "is-active", active_unit(profile, unit)])
             .await;
         let word = |r: std::result::Result<crate::remote::agent::Ran, _>| -> Result<String> {
-            let ran = r.map_err(|e: crate::remote::agent::RunError| anyhow::anyhow!("{}: {e}", node.role))?;
+            let ran = r.map_err(|e: crate::remote::agent::RunError| {
+                anyhow::anyhow!("{}: {e}", node.role)
+            })?;
             Ok(ran.stdout.trim().to_string())
         };
         units.insert(
@@ -55,14 +60,20 @@ pub async fn units_running(node: &Node, profile: &Profile) -> Result<Option<Stri
         .into_iter()
         .filter(|u| !running.contains(u))
         .collect();
-    Ok((!missing.is_empty()).then(|| format!("{} not running on {}", missing.join(", "), node.role)))
+    Ok((!missing.is_empty())
+        .then(|| format!("{} not running on {}", missing.join(", "), node.role)))
 }
 
 async fn running(node: &Node, profile: &Profile) -> Result<Vec<&'static str>> {
     let mut out = Vec::new();
     for unit in profile.units() {
         if node
-            .test(&["systemctl", "is-active", "--quiet", active_unit(profile, unit)])
+            .test(&[
+                "systemctl",
+                "is-active",
+                "--quiet",
+                active_unit(profile, unit),
+            ])
             .await?
         {
             out.push(unit);
@@ -137,7 +148,10 @@ pub async fn prepare_new(cx: &mut Cx) -> Result<Value> {
                     .replace("{old}", &cx.config.hosts.old.ssh)
             })
             .collect();
-        cx.note(step, &format!("running the configure hook: {}", argv.join(" ")));
+        cx.note(
+            step,
+            &format!("running the configure hook: {}", argv.join(" ")),
+        );
         let status = tokio::process::Command::new(&argv[0])
             .args(&argv[1..])
             .status()
@@ -176,7 +190,9 @@ pub async fn disable_old(cx: &mut Cx, plan: &Value) -> Result<Value> {
         .partition(|u| cx.profile.stop_in_background.contains(u));
     stop(&cx.old, &cx.profile, &now).await?;
     for unit in &background {
-        cx.old.run(&["systemctl", "stop", "--no-block", unit]).await?;
+        cx.old
+            .run(&["systemctl", "stop", "--no-block", unit])
+            .await?;
     }
     // --no-reload: disabling changes only what starts at boot; a reload costs a second here.
     let mut disable = vec!["systemctl", "disable", "--no-reload", "--quiet"];
@@ -211,7 +227,9 @@ pub async fn wait_stopped(node: &Node, profile: &Profile, limit: Duration) -> Re
     loop {
         match units_stopped(node, profile).await? {
             None => return Ok(()),
-            Some(why) if start.elapsed() >= limit => bail!("{why} {}s after stopping it", limit.as_secs()),
+            Some(why) if start.elapsed() >= limit => {
+                bail!("{why} {}s after stopping it", limit.as_secs())
+            }
             Some(_) => tokio::time::sleep(Duration::from_millis(300)).await,
         }
     }
@@ -245,7 +263,10 @@ pub async fn activate_new(cx: &mut Cx) -> Result<Value> {
             cx.profile.ports
         );
     }
-    cx.note(step, &format!("new answers on ports {:?}", cx.profile.ports));
+    cx.note(
+        step,
+        &format!("new answers on ports {:?}", cx.profile.ports),
+    );
     // The moved queue's deferred mail would wait out old's backoff; deliver it now (held
     // mail stays held).
     cx.new.run(&["postqueue", "-f"]).await?;
@@ -279,14 +300,30 @@ async fn served_certificate(cx: &Cx) -> Result<String> {
     };
     let moved = fingerprint(
         &cx.old
-            .run(&["openssl", "x509", "-noout", "-fingerprint", "-sha256", "-in", &cert])
+            .run(&[
+                "openssl",
+                "x509",
+                "-noout",
+                "-fingerprint",
+                "-sha256",
+                "-in",
+                &cert,
+            ])
             .await?,
     );
     let domain = cx.config.domain.trim_end_matches('.');
     for (port, starttls) in [("993", ""), ("465", ""), ("25", "smtp")] {
         let served = cx
             .new
-            .run(&["sh", "-c", SERVED_CERT, "sh", &format!("127.0.0.1:{port}"), domain, starttls])
+            .run(&[
+                "sh",
+                "-c",
+                SERVED_CERT,
+                "sh",
+                &format!("127.0.0.1:{port}"),
+                domain,
+                starttls,
+            ])
             .await
             .with_context(|| format!("reading the certificate new serves on port {port}"))?;
         if fingerprint(&served) != moved {
@@ -314,7 +351,13 @@ async fn dkim_key_published(cx: &Cx) -> Result<String> {
     let key = cx.profile.dkim_key.to_string_lossy().into_owned();
     let public = cx
         .new
-        .run(&["sh", "-c", "openssl pkey -in \"$1\" -pubout -outform DER | base64 -w0", "sh", &key])
+        .run(&[
+            "sh",
+            "-c",
+            "openssl pkey -in \"$1\" -pubout -outform DER | base64 -w0",
+            "sh",
+            &key,
+        ])
         .await
         .with_context(|| format!("reading the public half of {key} on new"))?;
     let names = crate::dns::status::Names::of(&cx.config)?;

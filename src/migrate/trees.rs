@@ -51,7 +51,12 @@ fn options(cx: &Cx, excludes: Vec<String>) -> MirrorOptions {
 }
 
 /// Mirrors one tree old → new through the hosts' agents; returns its facts.
-async fn mirror_tree(cx: &mut Cx, step: StepId, path: &Path, excludes: Vec<String>) -> Result<Value> {
+async fn mirror_tree(
+    cx: &mut Cx,
+    step: StepId,
+    path: &Path,
+    excludes: Vec<String>,
+) -> Result<Value> {
     let opts = options(cx, excludes);
     let old = cx.old.agent().await?;
     let new = cx.new.agent().await?;
@@ -76,7 +81,11 @@ async fn mirror_tree(cx: &mut Cx, step: StepId, path: &Path, excludes: Vec<Strin
         s.bytes_written as f64 / 1e6,
         s.renamed,
         s.deleted,
-        if outcome.verified() { "" } else { " (NOT verified)" }
+        if outcome.verified() {
+            ""
+        } else {
+            " (NOT verified)"
+        }
     );
     cx.note(step, &line);
     for w in &s.warnings {
@@ -145,7 +154,12 @@ pub async fn final_sync(cx: &mut Cx) -> Result<Value> {
         .context("`postfix check` on new after moving the queue")?;
     let queue_after = queue_files(cx, &queue, &excludes).await?;
     // disable_old stopped OpenDKIM in the background.
-    crate::migrate::services::wait_stopped(&cx.old, &cx.profile, std::time::Duration::from_secs(60)).await?;
+    crate::migrate::services::wait_stopped(
+        &cx.old,
+        &cx.profile,
+        std::time::Duration::from_secs(60),
+    )
+    .await?;
     if queue_before.1 != queue_after.1 {
         bail!(
             "the queue on new differs from old's after `postsuper -s`: {:?} on old, {:?} on new",
@@ -181,11 +195,20 @@ fn describe_queue(counts: &BTreeMap<String, usize>) -> String {
 }
 
 /// Scans `root` on both hosts and fails with every difference; returns the entry count.
-async fn prove_equal(cx: &mut Cx, root: &Path, excludes: Vec<String>, content: Content) -> Result<usize> {
+async fn prove_equal(
+    cx: &mut Cx,
+    root: &Path,
+    excludes: Vec<String>,
+    content: Content,
+) -> Result<usize> {
     let (src, dest) = scan_pair(cx, root, excludes, content == Content::Hashes).await?;
     let differences = compare(&src, &dest, content);
     if !differences.is_empty() {
-        let mut text: Vec<String> = differences.iter().take(SHOW).map(|d| format!("  {d}")).collect();
+        let mut text: Vec<String> = differences
+            .iter()
+            .take(SHOW)
+            .map(|d| format!("  {d}"))
+            .collect();
         if differences.len() > SHOW {
             text.push(format!("  and {} more", differences.len() - SHOW));
         }
@@ -199,7 +222,12 @@ async fn prove_equal(cx: &mut Cx, root: &Path, excludes: Vec<String>, content: C
     Ok(src.entries.len())
 }
 
-async fn scan_pair(cx: &mut Cx, root: &Path, excludes: Vec<String>, checksum: bool) -> Result<(Manifest, Manifest)> {
+async fn scan_pair(
+    cx: &mut Cx,
+    root: &Path,
+    excludes: Vec<String>,
+    checksum: bool,
+) -> Result<(Manifest, Manifest)> {
     let old = cx.old.agent().await?;
     let new = cx.new.agent().await?;
     scan_both(
@@ -223,11 +251,21 @@ async fn queue_files(
         let mut counts: BTreeMap<String, usize> = BTreeMap::new();
         let mut contents: BTreeMap<(String, [u8; 32]), usize> = BTreeMap::new();
         for e in m.entries.iter().filter(|e| e.kind == Kind::File) {
-            let name = String::from_utf8_lossy(e.path.split(|b| *b == b'/').next().unwrap_or_default()).into_owned();
+            let name =
+                String::from_utf8_lossy(e.path.split(|b| *b == b'/').next().unwrap_or_default())
+                    .into_owned();
             *counts.entry(name.clone()).or_default() += 1;
-            *contents.entry((name, e.hash.unwrap_or_default())).or_default() += 1;
+            *contents
+                .entry((name, e.hash.unwrap_or_default()))
+                .or_default() += 1;
         }
-        (counts, contents.into_iter().map(|((q, h), n)| (q, h, n)).collect::<BTreeSet<_>>())
+        (
+            counts,
+            contents
+                .into_iter()
+                .map(|((q, h), n)| (q, h, n))
+                .collect::<BTreeSet<_>>(),
+        )
     };
     let (old_counts, old_contents) = summarize(&old);
     let (new_counts, new_contents) = summarize(&new);
@@ -261,7 +299,12 @@ pub async fn ownership(cx: &mut Cx) -> Result<Value> {
         .trees
         .iter()
         .filter_map(|t| t.owner.map(|o| (t.path.to_string_lossy().into_owned(), o)))
-        .chain(cx.profile.owned.iter().map(|o| (o.path.to_string_lossy().into_owned(), o.owner)))
+        .chain(
+            cx.profile
+                .owned
+                .iter()
+                .map(|o| (o.path.to_string_lossy().into_owned(), o.owner)),
+        )
         .collect();
     for (path, want) in owned {
         if !cx.old.test(&["test", "-e", &path]).await? {
@@ -269,7 +312,10 @@ pub async fn ownership(cx: &mut Cx) -> Result<Value> {
         }
         let on_new = cx.new.run(&["stat", "-c", "%U:%G", &path]).await?;
         if on_new.trim() != want {
-            wrong.push(format!("{path} is owned by {} on new, not {want}", on_new.trim()));
+            wrong.push(format!(
+                "{path} is owned by {} on new, not {want}",
+                on_new.trim()
+            ));
         }
         checked.push(path);
     }
@@ -287,11 +333,17 @@ pub async fn ownership(cx: &mut Cx) -> Result<Value> {
                 "{account} exists on old but not on new: files it owns kept old's number\nhint: install the packages on new (the configure hook), then `relaymove migrate --from final_sync`"
             );
         }
-        let line = format!("{account}: uid {} → {}, gid {} → {}", old.0, new.0, old.1, new.1);
+        let line = format!(
+            "{account}: uid {} → {}, gid {} → {}",
+            old.0, new.0, old.1, new.1
+        );
         if old != new {
             cx.note(step, &line);
         }
-        mappings.insert(account.to_string(), json!({"old": [old.0, old.1], "new": [new.0, new.1]}));
+        mappings.insert(
+            account.to_string(),
+            json!({"old": [old.0, old.1], "new": [new.0, new.1]}),
+        );
     }
     Ok(json!({
         "summary": format!("{} owners as the daemons need them; ids mapped by name", checked.len()),
@@ -302,9 +354,21 @@ pub async fn ownership(cx: &mut Cx) -> Result<Value> {
 
 /// `(uid, gid)` of the account on `node`, empty strings where it has none.
 async fn ids(node: &crate::migrate::Node, account: &str) -> Result<(String, String)> {
-    let u = node.host.run_status(&["id", "-u", account]).await.map_err(|e| anyhow::anyhow!("{}: {e}", node.role))?;
-    let g = node.host.run_status(&["getent", "group", account]).await.map_err(|e| anyhow::anyhow!("{}: {e}", node.role))?;
-    let uid = if u.status == 0 { u.stdout.trim().to_string() } else { String::new() };
+    let u = node
+        .host
+        .run_status(&["id", "-u", account])
+        .await
+        .map_err(|e| anyhow::anyhow!("{}: {e}", node.role))?;
+    let g = node
+        .host
+        .run_status(&["getent", "group", account])
+        .await
+        .map_err(|e| anyhow::anyhow!("{}: {e}", node.role))?;
+    let uid = if u.status == 0 {
+        u.stdout.trim().to_string()
+    } else {
+        String::new()
+    };
     let gid = g.stdout.split(':').nth(2).unwrap_or("").trim().to_string();
     Ok((uid, gid))
 }
@@ -330,7 +394,9 @@ pub async fn verify(cx: &mut Cx, journal: &Journal) -> Result<Value> {
         for (uid, name) in &o.uids {
             match n.uids.get(uid) {
                 Some(m) if m == name => uids += 1,
-                Some(m) => problems.push(format!("{mailbox}: UID {uid} is {name} on old, {m} on new")),
+                Some(m) => {
+                    problems.push(format!("{mailbox}: UID {uid} is {name} on old, {m} on new"))
+                }
                 None => problems.push(format!("{mailbox}: UID {uid} ({name}) missing on new")),
             }
         }
@@ -338,12 +404,18 @@ pub async fn verify(cx: &mut Cx, journal: &Journal) -> Result<Value> {
     if !problems.is_empty() {
         let n = problems.len();
         problems.truncate(SHOW);
-        bail!("Dovecot's view on new differs from old's ({n} problems):\n  {}", problems.join("\n  "));
+        bail!(
+            "Dovecot's view on new differs from old's ({n} problems):\n  {}",
+            problems.join("\n  ")
+        );
     }
     cx.note(step, &format!("{} mailboxes: UIDVALIDITY kept, all {uids} UIDs old had map to the same messages on new", old.len()));
     // Held mail stays held: new must not deliver what old's admin put on hold.
     let held_before = match journal::state_of(journal.current(), StepId::FinalSync.id()) {
-        StepState::Done { facts, .. } => facts.pointer("/queue/hold").and_then(Value::as_u64).unwrap_or(0),
+        StepState::Done { facts, .. } => facts
+            .pointer("/queue/hold")
+            .and_then(Value::as_u64)
+            .unwrap_or(0),
         _ => 0,
     };
     let held_now = cx
@@ -373,7 +445,19 @@ struct UidList {
 /// Every `dovecot-uidlist` under `root` on `node`, parsed, by mailbox directory.
 async fn uid_lists(node: &crate::migrate::Node, root: &str) -> Result<BTreeMap<String, UidList>> {
     let text = node
-        .run(&["find", root, "-name", "dovecot-uidlist", "-type", "f", "-exec", "awk", "{print FILENAME \"\\t\" $0}", "{}", "+"])
+        .run(&[
+            "find",
+            root,
+            "-name",
+            "dovecot-uidlist",
+            "-type",
+            "f",
+            "-exec",
+            "awk",
+            "{print FILENAME \"\\t\" $0}",
+            "{}",
+            "+",
+        ])
         .await
         .with_context(|| format!("reading Dovecot's UID lists under {root} on {}", node.role))?;
     parse_uid_lists(&text)
@@ -384,8 +468,13 @@ async fn uid_lists(node: &crate::migrate::Node, root: &str) -> Result<BTreeMap<S
 fn parse_uid_lists(text: &str) -> Result<BTreeMap<String, UidList>> {
     let mut out: BTreeMap<String, UidList> = BTreeMap::new();
     for line in text.lines() {
-        let Some((file, rest)) = line.split_once('\t') else { continue };
-        let mailbox = file.trim_end_matches("dovecot-uidlist").trim_end_matches('/').to_string();
+        let Some((file, rest)) = line.split_once('\t') else {
+            continue;
+        };
+        let mailbox = file
+            .trim_end_matches("dovecot-uidlist")
+            .trim_end_matches('/')
+            .to_string();
         let entry = out.entry(mailbox).or_insert_with(|| UidList {
             validity: String::new(),
             uids: BTreeMap::new(),
@@ -398,8 +487,13 @@ fn parse_uid_lists(text: &str) -> Result<BTreeMap<String, UidList>> {
                 .with_context(|| format!("{file}: no UIDVALIDITY in the header"))?;
             continue;
         }
-        let uid = rest.split_whitespace().next().and_then(|u| u.parse::<u64>().ok());
-        let name = rest.split_once(':').map(|(_, n)| n.split(":2,").next().unwrap_or(n).to_string());
+        let uid = rest
+            .split_whitespace()
+            .next()
+            .and_then(|u| u.parse::<u64>().ok());
+        let name = rest
+            .split_once(':')
+            .map(|(_, n)| n.split(":2,").next().unwrap_or(n).to_string());
         if let (Some(uid), Some(name)) = (uid, name) {
             entry.uids.insert(uid, name);
         }

@@ -67,7 +67,9 @@ pub enum Request {
     },
     /// Take an exclusive lock on a file of the host and hold it while the agent runs;
     /// answered with `Reply<()>`, an error naming the holder when another process has it.
-    Lock { path: Vec<u8> },
+    Lock {
+        path: Vec<u8>,
+    },
 }
 
 /// An agent's answer: the value, or the error chain as text.

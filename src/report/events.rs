@@ -17,22 +17,34 @@ pub enum Event<'a> {
         of: usize,
     },
     /// A step recorded done whose result still holds on the hosts.
-    StepSkipped { step: &'a str, reason: &'a str },
+    StepSkipped {
+        step: &'a str,
+        reason: &'a str,
+    },
     StepDone {
         step: &'a str,
         elapsed_s: f64,
         summary: &'a str,
     },
-    StepFailed { step: &'a str, error: &'a str },
+    StepFailed {
+        step: &'a str,
+        error: &'a str,
+    },
     /// Something a step did or saw, worth a line.
-    Note { step: &'a str, message: &'a str },
+    Note {
+        step: &'a str,
+        message: &'a str,
+    },
     Finding {
         step: &'a str,
         #[serde(flatten)]
         finding: &'a Finding,
     },
     /// The run stopped at a safe point; `hint` says how to go on.
-    Stopped { after: &'a str, hint: &'a str },
+    Stopped {
+        after: &'a str,
+        hint: &'a str,
+    },
 }
 
 #[derive(Clone, Copy)]
@@ -69,7 +81,12 @@ impl Reporter {
             Event::StepFailed { step, error } => format!("   FAILED {step}: {error}"),
             Event::Note { message, .. } => format!("   {message}"),
             Event::Finding { finding, .. } => {
-                let mut s = format!("   {}  {}: {}", finding.level.tag(), finding.check, finding.detail);
+                let mut s = format!(
+                    "   {}  {}: {}",
+                    finding.level.tag(),
+                    finding.check,
+                    finding.detail
+                );
                 if finding.level != Level::Ok {
                     if let Some(fix) = &finding.fix {
                         s.push_str(&format!("\n         fix: {fix}"));
@@ -77,7 +94,9 @@ impl Reporter {
                 }
                 s
             }
-            Event::Stopped { after, hint } => format!("\nrelaymove: stopped after {after}\nhint: {hint}"),
+            Event::Stopped { after, hint } => {
+                format!("\nrelaymove: stopped after {after}\nhint: {hint}")
+            }
         };
         eprintln!("{line}");
     }

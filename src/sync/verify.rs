@@ -48,7 +48,10 @@ pub fn compare(src: &Manifest, dest: &Manifest, content: Content) -> Vec<Differe
     let dest_groups = link_groups(dest);
     for s in &src.entries {
         let Some(d) = dest_by_path.get(s.path.as_slice()) else {
-            diff(&s.path, format!("{} missing on the receiving side", s.kind.describe()));
+            diff(
+                &s.path,
+                format!("{} missing on the receiving side", s.kind.describe()),
+            );
             continue;
         };
         if s.kind != d.kind {
@@ -85,8 +88,14 @@ pub fn compare(src: &Manifest, dest: &Manifest, content: Content) -> Vec<Differe
             let who = |e: &Entry| {
                 format!(
                     "{}:{}",
-                    e.meta.user.clone().unwrap_or_else(|| e.meta.uid.to_string()),
-                    e.meta.group.clone().unwrap_or_else(|| e.meta.gid.to_string())
+                    e.meta
+                        .user
+                        .clone()
+                        .unwrap_or_else(|| e.meta.uid.to_string()),
+                    e.meta
+                        .group
+                        .clone()
+                        .unwrap_or_else(|| e.meta.gid.to_string())
                 )
             };
             diff(&s.path, format!("owner {} here, {} there", who(s), who(d)));
@@ -97,7 +106,10 @@ pub fn compare(src: &Manifest, dest: &Manifest, content: Content) -> Vec<Differe
     }
     for d in &dest.entries {
         if !src_paths.contains(d.path.as_slice()) {
-            diff(&d.path, format!("{} only on the receiving side", d.kind.describe()));
+            diff(
+                &d.path,
+                format!("{} only on the receiving side", d.kind.describe()),
+            );
         }
     }
     out.sort_by(|a, b| a.path.cmp(&b.path));
