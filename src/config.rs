@@ -236,6 +236,14 @@ impl Config {
             crate::remote::endpoint::parse_ssh_target(&host.ssh)
                 .map_err(|e| anyhow::anyhow!("[hosts.{name}] ssh: {e}"))?;
         }
+        if self
+            .migrate
+            .configure_command
+            .as_ref()
+            .is_some_and(|c| c.is_empty())
+        {
+            bail!("[migrate] configure_command is empty: give the program and its arguments, or remove the key");
+        }
         for tree in &self.migrate.extra_trees {
             if !tree.is_absolute() || tree.parent().is_none() {
                 bail!(

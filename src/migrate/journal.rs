@@ -278,6 +278,31 @@ mod tests {
     }
 
     #[test]
+    fn a_changed_setup_is_named_field_by_field() {
+        let before = Fingerprint {
+            domain: "mail.example.org".into(),
+            profile: "chatmail".into(),
+            old: "old".into(),
+            new: "new".into(),
+            old_addresses: vec!["198.51.100.10".into()],
+            new_addresses: vec!["198.51.100.20".into()],
+            old_host_key: "aa".into(),
+            new_host_key: "bb".into(),
+        };
+        let mut now = before.clone();
+        assert!(before.changes(&now).is_empty());
+        now.new_addresses = vec!["198.51.100.21".into()];
+        now.new_host_key = "cc".into();
+        assert_eq!(
+            before.changes(&now),
+            vec![
+                "new addresses: 198.51.100.20 → 198.51.100.21",
+                "new host key: bb → cc"
+            ]
+        );
+    }
+
+    #[test]
     fn a_finished_rollback_starts_a_new_migration() {
         let records = vec![
             Record::Started {

@@ -174,3 +174,57 @@ impl Profile {
         self.queue_excludes.iter().map(|s| s.to_string()).collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+domain = "mail.example.org"
+[hosts.old]
+ssh = "old"
+ipv4 = "198.51.100.10"
+[hosts.new]
+ssh = "new"
+ipv4 = "198.51.100.20"
+[dns]
+provider = "manual"
+zone = "example.org"
+"#;
+
+    #[test]
+    fn chatmail_moves_mailboxes_keys_and_acme_and_stops_postfix_first() {
+        let p = Profile::of(&Config::parse(BASE).unwrap());
+        let trees: Vec<_> = p.trees.iter().map(|t| t.path.to_str().unwrap()).collect();
+        assert_eq!(
+            trees,
+            ["/home/vmail/mail", "/etc/dkimkeys", "/var/lib/acme"]
+        );
+        assert_eq!(p.stop_order.first(), Some(&"postfix"));
+        assert_eq!(p.start_order.last(), Some(&"postfix"));
+        assert!(p.queue_excludes.contains(&"/private"));
+    }
+
+    #[test]
+    fn classic_takes_its_mail_root_and_extra_trees_from_the_config() {
+        let text = BASE
+            .replacen("[hosts.old]", "profile = \"classic\"\n[hosts.old]", 1)
+            .replace(
+                "[dns]",
+                "[migrate]\nmail_root = \"/srv/mail\"\nextra_trees = [\"/etc/mailman3\"]\n[dns]",
+            );
+        let p = Profile::of(&Config::parse(&text).unwrap());
+        let trees: Vec<_> = p.trees.iter().map(|t| t.path.to_str().unwrap()).collect();
+        assert_eq!(
+            trees,
+            [
+                "/srv/mail",
+                "/etc/dkimkeys",
+                "/var/lib/acme",
+                "/etc/letsencrypt",
+                "/etc/mailman3"
+            ]
+        );
+        assert!(p.trees[4].required && !p.trees[3].required);
+    }
+}

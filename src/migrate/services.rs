@@ -152,8 +152,11 @@ pub async fn prepare_new(cx: &mut Cx) -> Result<Value> {
             step,
             &format!("running the configure hook: {}", argv.join(" ")),
         );
+        // Its output goes to stderr with ours: stdout carries --json events.
         let status = tokio::process::Command::new(&argv[0])
             .args(&argv[1..])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::io::stderr())
             .status()
             .await
             .with_context(|| format!("starting the configure hook {}", argv[0]))?;
