@@ -219,6 +219,70 @@ fn a_changed_host_key_is_refused() {
     assert!(!dest.exists());
 }
 
+/// Runs a sync of a one-file SRC to `dest_spec` (given `dest` under `t`) and returns its
+/// exit code and stderr.
+fn failed_sync(sshd: &Sshd, t: &Path, dest_spec: &str) -> (Option<i32>, String) {
+    let src = t.join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), b"x").unwrap();
+    let out = sshd
+        .sync(src.to_str().unwrap(), dest_spec, &t.join("cache"))
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_refused_port_says_connection_refused_and_names_the_port_and_config() {
+    let Some(sshd) = sshd() else { return };
+    let t = tempfile::tempdir().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dest = t.path().join("dest");
+    let (code, msg) = failed_sync(
+        &sshd,
+        t.path(),
+        &format!("rmtest:{closed}:{}", dest.display()),
+    );
+    assert_eq!(code, Some(1), "{msg}");
+    let config = sshd.dir.path().join("ssh_config");
+    assert!(msg.contains("Connection refused"), "{msg}");
+    assert!(
+        msg.contains(&format!("port {closed}, ssh config {}", config.display())),
+        "{msg}"
+    );
+    assert!(msg.contains("is sshd running there"), "{msg}");
+    assert!(!dest.exists());
+}
+
+#[test]
+fn an_unknown_host_key_says_so_and_how_to_add_it_for_that_port() {
+    let Some(sshd) = sshd() else { return };
+    let t = tempfile::tempdir().unwrap();
+    let empty = t.path().join("known_hosts");
+    fs::write(&empty, b"").unwrap();
+    write_client_config(sshd.dir.path(), sshd.port, &empty);
+    let dest = t.path().join("dest");
+    let (code, msg) = failed_sync(&sshd, t.path(), &remote(&dest));
+    assert_eq!(code, Some(1), "{msg}");
+    assert!(msg.contains("Host key verification failed"), "{msg}");
+    assert!(
+        msg.contains(&format!(
+            "ssh-keyscan -p {} 127.0.0.1 >> {}",
+            sshd.port,
+            empty.display()
+        )),
+        "{msg}"
+    );
+    assert!(!dest.exists());
+}
+
 #[test]
 fn a_connection_killed_mid_stream_leaves_dest_consistent_and_a_rerun_finishes() {
     let Some(sshd) = sshd() else { return };
