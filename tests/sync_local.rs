@@ -356,3 +356,133 @@ fn the_stream_is_a_tar_that_standard_tools_read() {
         "numeric owner without a name: {text}"
     );
 }
+
+/// A tmpfs of `size` mounted at `dir` (created), unmounted when dropped; None (with the
+/// reason) when not root, as mounting needs it.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipping: mounting a tmpfs needs root");
+            return None;
+        }
+        fs::create_dir_all(dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount -t tmpfs on {}", dir.display());
+        Some(Tmpfs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// `n` files of `size` random (incompressible) bytes under `dir`.
+fn random_files(dir: &Path, prefix: &str, n: usize, size: usize) {
+    fs::create_dir_all(dir).unwrap();
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ (n as u64);
+    for i in 0..n {
+        let data: Vec<u8> = (0..size / 8)
+            .flat_map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x.to_le_bytes()
+            })
+            .collect();
+        fs::write(dir.join(format!("{prefix}{i:03}")), data).unwrap();
+    }
+}
+
+fn sync_args(extra: &[&OsStr], src: &Path, dest: &Path) -> Vec<std::ffi::OsString> {
+    let mut v: Vec<std::ffi::OsString> = vec!["sync".into(), "--no-progress".into()];
+    v.extend(extra.iter().map(|e| e.to_os_string()));
+    v.push(src.into());
+    v.push(dest.into());
+    v
+}
+
+fn run_sync(args: &[std::ffi::OsString], cache: &Path) -> (Option<i32>, String) {
+    let a: Vec<&OsStr> = args.iter().map(|x| x.as_os_str()).collect();
+    let out = relaymove(&a, cache);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_dest_too_small_is_refused_before_anything_is_written() {
+    let t = tempfile::tempdir().unwrap();
+    let Some(_fs) = Tmpfs::mount(&t.path().join("small"), "2m") else {
+        return;
+    };
+    let (src, cache) = (t.path().join("src"), t.path().join("cache"));
+    random_files(&src, "m", 4, 1 << 20);
+    let dest = t.path().join("small/mail");
+    let (code, msg) = run_sync(&sync_args(&[], &src, &dest), &cache);
+    assert_eq!(code, Some(1), "{msg}");
+    assert!(
+        msg.contains(&format!(
+            "not enough space for DEST: need 4.2 MB, 2.1 MB free on this host:{}; nothing was changed",
+            dest.display()
+        )),
+        "{msg}"
+    );
+    assert!(!dest.exists(), "DEST was created");
+}
+
+#[test]
+fn a_dest_that_fills_during_the_transfer_fails_at_once_naming_the_disk() {
+    // DEST's own file system has room, so the check up front passes; `a/` inside it is a
+    // 1 MB file system (a mount point, as /var/vmail's subtrees can be), which the first
+    // file sent overflows. 40 MB follow it in the stream.
+    let t = tempfile::tempdir().unwrap();
+    let (src, dest, cache) = (
+        t.path().join("src"),
+        t.path().join("dest"),
+        t.path().join("cache"),
+    );
+    let Some(_fs) = Tmpfs::mount(&dest.join("a"), "1m") else {
+        return;
+    };
+    random_files(&src.join("a"), "big", 1, 2 << 20);
+    random_files(&src.join("b"), "m", 40, 1 << 20);
+    let tee = t.path().join("stream.zst");
+    let args = sync_args(&[OsStr::new("--tee-stream"), tee.as_os_str()], &src, &dest);
+    let (code, msg) = run_sync(&args, &cache);
+    assert_eq!(code, Some(1), "{msg}");
+    assert!(
+        msg.contains(&format!(
+            "writing {}/a/big000: No space left on device",
+            dest.display()
+        )),
+        "{msg}"
+    );
+    assert!(!msg.contains("broke off"), "blames the stream: {msg}");
+    assert!(msg.contains("is full"), "{msg}");
+    assert!(
+        !msg.contains("run the same command again"),
+        "a rerun cannot succeed: {msg}"
+    );
+    let relayed = fs::metadata(&tee).unwrap().len();
+    assert!(
+        relayed < 20 << 20,
+        "{relayed} bytes were relayed after DEST was full"
+    );
+    assert!(!p(&dest, b"a/big000").exists());
+}

@@ -5,7 +5,7 @@
 
 use crate::remote::protocol::{
     read_frame_opt, write_frame, ChunkReader, ChunkWriter, Hashes, Hello, ReceiveEvent, Reply,
-    Request, PROTOCOL,
+    Request, Space, PROTOCOL,
 };
 use crate::sync::beneath::{validate, Tree};
 use crate::sync::hash_cache::HashCache;
@@ -70,18 +70,32 @@ pub fn run(cmd: AgentCmd) -> Result<i32> {
                 let locked = lock(path(&file)).map(|l| held.push(l));
                 write_frame(&mut out, &text(locked))?;
             }
+            Request::Space { root } => {
+                write_frame(&mut out, &text(space(path(&root))))?;
+            }
             Request::Receive { root, plan } => {
                 drop(out);
                 let mut chunks = ChunkReader::new(io::stdin());
                 let received = do_receive(path(&root), &plan, &mut chunks, &stdout);
+                let failed = received.is_err();
                 let event = match received {
                     Ok(stats) => ReceiveEvent::Done(stats),
-                    Err(e) => ReceiveEvent::Failed(format!("{e:#}")),
+                    Err(e) => ReceiveEvent::Failed {
+                        message: format!("{e:#}"),
+                        errno: os_error(&e),
+                    },
                 };
-                // Skip what the receiver did not read, up to the end marker, before answering.
-                let drained = chunks.drain();
+                // A failure is reported at once, so the controller stops the transfer
+                // instead of relaying the rest of it to be skipped here.
                 write_frame(&mut stdout.lock(), &event)?;
-                drained.context("reading the end of the stream")?;
+                // Skip what the receiver did not read, up to the end marker.
+                match chunks.drain() {
+                    Ok(()) => {}
+                    // After a failure the controller closes our input mid-stream: the
+                    // session is over, and the failure was already reported.
+                    Err(_) if failed => return Ok(0),
+                    Err(e) => return Err(e).context("reading the end of the stream"),
+                }
             }
         }
     }
@@ -127,6 +141,49 @@ fn lock(file: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
     locked.rewind()?;
     write!(locked, "{}", std::process::id())?;
     Ok(locked)
+}
+
+/// The first OS error number in an error chain.
+fn os_error(e: &anyhow::Error) -> Option<i32> {
+    e.chain().find_map(|c| {
+        c.downcast_ref::<io::Error>()
+            .and_then(|e| e.raw_os_error())
+            .or_else(|| c.downcast_ref::<nix::errno::Errno>().map(|e| *e as i32))
+    })
+}
+
+/// Free space where `root` is, or would be created (its nearest existing ancestor).
+fn space(root: &Path) -> Result<Space> {
+    use nix::sys::statvfs::statvfs;
+    let mut at = root;
+    let st = loop {
+        match statvfs(at) {
+            Ok(st) => break st,
+            Err(nix::errno::Errno::ENOENT) => {
+                at = at
+                    .parent()
+                    .with_context(|| format!("no existing directory above {}", root.display()))?
+            }
+            Err(e) => return Err(e).with_context(|| format!("statvfs {}", at.display())),
+        }
+    };
+    // Root may use the blocks and inodes reserved for it; anyone else may not.
+    let root_user = nix::unistd::geteuid().is_root();
+    let (blocks, inodes) = if root_user {
+        (st.blocks_free(), st.files_free())
+    } else {
+        (st.blocks_available(), st.files_available())
+    };
+    let block = st.fragment_size().max(1);
+    Ok(Space {
+        bytes_free: blocks.saturating_mul(block),
+        inodes_free: if st.files() == 0 {
+            u64::MAX
+        } else {
+            inodes
+        },
+        block,
+    })
 }
 
 fn do_scan(root: &Path, opts: ScanOptions) -> Result<Manifest> {

@@ -525,6 +525,8 @@ pub struct Agent {
     pub input: Option<Pin<Box<dyn AsyncWrite + Send>>>,
     pub output: Pin<Box<dyn AsyncRead + Send>>,
     process: AgentProcess,
+    /// Stopped by `abort`: how it ends is not news.
+    aborted: bool,
 }
 
 impl Agent {
@@ -541,6 +543,7 @@ impl Agent {
                         input,
                         output,
                         process,
+                        aborted: false,
                     });
                 }
                 Ok(hello) => bail!(
@@ -600,8 +603,22 @@ impl Agent {
         reply.map_err(|msg| anyhow!("{msg}"))
     }
 
+    /// Abandons the request in progress (a failure elsewhere made it pointless): both pipes
+    /// are closed, so an agent writing a stream gets EPIPE and ends instead of producing
+    /// the rest of it. No further request can be sent.
+    pub fn abort(&mut self) {
+        self.aborted = true;
+        self.input = None;
+        self.output = Box::pin(tokio::io::empty());
+    }
+
     /// Closes the agent's input and waits for it to exit; a failure carries its stderr.
+    /// An aborted agent is not waited for (a local one is killed when dropped; a remote one
+    /// ends with its SSH channel).
     pub async fn close(mut self) -> Result<()> {
+        if self.aborted {
+            return Ok(());
+        }
         drop(self.input.take());
         // An agent stuck writing an answer nobody reads (after a failure elsewhere) gets
         // EPIPE and exits instead of waiting forever.

@@ -9,7 +9,7 @@
 
 use crate::remote::agent::Agent;
 use crate::remote::protocol::{
-    read_chunk_async, read_frame_async, Hashes, ReceiveEvent, Reply, Request, CHUNK,
+    read_chunk_async, read_frame_async, Hashes, ReceiveEvent, Reply, Request, Space, CHUNK,
 };
 use crate::report::progress::Progress;
 use crate::sync::manifest::{Digest, Manifest};
@@ -144,6 +144,14 @@ pub async fn mirror(
     let stats = if opts.dry_run || plan.is_empty() {
         ReceiveStats::default()
     } else {
+        let space = dest
+            .agent
+            .call::<Space>(&Request::Space {
+                root: root_bytes(dest.root),
+            })
+            .await
+            .with_context(|| format!("checking the free space of {dest_what}"))?;
+        check_space(&needed(&plan, &dest_m, space.block), &space, &dest_what)?;
         let tee = match &opts.tee_stream {
             Some(path) => Some(create_tee(path)?),
             None => None,
@@ -156,9 +164,13 @@ pub async fn mirror(
         let result = transfer(src, dest, &plan, opts.level, tee, &mut progress).await;
         progress.finish();
         result.map_err(|e| {
+            let errno = e
+                .chain()
+                .find_map(|c| c.downcast_ref::<ReceiverFailed>())
+                .and_then(|f| f.errno);
             anyhow!(
-                "sync {src_what} → {dest_what} failed: {e:#}\nhint: every path in DEST holds its old or its new \
-                 version, never a partial file; run the same command again to finish"
+                "sync {src_what} → {dest_what} failed: {e:#}\nhint: {}",
+                failure_hint(errno, &dest_what)
             )
         })?
     };
@@ -169,6 +181,110 @@ pub async fn mirror(
         scanned,
         planned,
     })
+}
+
+/// What the receiver needs on DEST's file system at most: the files it is sent (each a
+/// whole number of blocks) and the directories it creates, less what the plan's deletes,
+/// which run first, free.
+#[derive(Debug, PartialEq, Eq)]
+struct Needed {
+    bytes: u64,
+    inodes: u64,
+}
+
+fn needed(plan: &Plan, dest: &Manifest, block: u64) -> Needed {
+    let blocks = |size: u64| size.div_ceil(block.max(1)).saturating_mul(block.max(1));
+    let mut need = Needed {
+        bytes: 0,
+        inodes: 0,
+    };
+    for item in plan.send.iter().filter(|i| i.link_to.is_none()) {
+        need.bytes = need.bytes.saturating_add(blocks(item.size));
+        need.inodes += 1;
+    }
+    need.bytes = need
+        .bytes
+        .saturating_add(plan.mkdir.len() as u64 * blocks(1));
+    need.inodes += plan.mkdir.len() as u64;
+    // Only an inode's last name frees it.
+    let deleted: std::collections::HashSet<&[u8]> =
+        plan.delete.iter().map(|p| p.as_slice()).collect();
+    let under_deleted = |path: &[u8]| {
+        let mut p = path;
+        loop {
+            if deleted.contains(p) {
+                return true;
+            }
+            match p.iter().rposition(|&b| b == b'/') {
+                Some(i) => p = &p[..i],
+                None => return false,
+            }
+        }
+    };
+    let (mut freed_bytes, mut freed_inodes) = (0u64, 0u64);
+    for e in dest.entries.iter().filter(|e| !e.path.is_empty()) {
+        if e.nlink <= 1 && under_deleted(&e.path) {
+            freed_inodes += 1;
+            if e.kind == crate::sync::manifest::Kind::File {
+                freed_bytes = freed_bytes.saturating_add(blocks(e.size));
+            }
+        }
+    }
+    Needed {
+        bytes: need.bytes.saturating_sub(freed_bytes),
+        inodes: need.inodes.saturating_sub(freed_inodes),
+    }
+}
+
+/// Refuses, before anything is written, a transfer that cannot fit.
+fn check_space(need: &Needed, space: &Space, dest_what: &str) -> Result<()> {
+    let mb = |b: u64| format!("{:.1} MB", b as f64 / 1e6);
+    if need.bytes > space.bytes_free {
+        bail!(
+            "not enough space for DEST: need {}, {} free on {dest_what}; nothing was changed\nhint: make room on that \
+             file system (or grow it), or sync into a larger one",
+            mb(need.bytes),
+            mb(space.bytes_free)
+        );
+    }
+    if need.inodes > space.inodes_free {
+        bail!(
+            "not enough inodes for DEST: need {} files and directories, {} free on {dest_what}; nothing was \
+             changed\nhint: remove files from that file system, or sync into one with more inodes",
+            need.inodes,
+            space.inodes_free
+        );
+    }
+    Ok(())
+}
+
+/// The receiver's failure, with the OS error behind it: the hint depends on it.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+struct ReceiverFailed {
+    message: String,
+    errno: Option<i32>,
+}
+
+/// The next step after a failed transfer. A full, read-only or forbidden DEST fails the
+/// same way on a rerun, so only a broken stream gets "run it again".
+fn failure_hint(errno: Option<i32>, dest_what: &str) -> String {
+    const KEPT: &str = "every path in DEST holds its old or its new version, never a partial file";
+    match errno {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => format!(
+            "the file system of the file named above, in {dest_what}, is full (or its quota is used up): make room \
+             or grow it, then sync again; a rerun before that fails the same way ({KEPT})"
+        ),
+        Some(libc::EROFS) => format!(
+            "{dest_what} is on a read-only file system: remount it read-write (or pick another DEST), then sync \
+             again ({KEPT})"
+        ),
+        Some(libc::EACCES) | Some(libc::EPERM) => format!(
+            "the agent may not write in {dest_what}: connect as root (root@host:/path) or give its user write \
+             access, then sync again ({KEPT})"
+        ),
+        _ => format!("{KEPT}; run the same command again to finish"),
+    }
 }
 
 /// The tee file holds every byte sent, secrets included: owner-only from its creation, never
@@ -276,20 +392,111 @@ async fn transfer(
             match read_frame_async::<ReceiveEvent>(receiver_output).await {
                 Ok(ReceiveEvent::Progress(p)) => progress.update(&p, total_files),
                 Ok(ReceiveEvent::Done(stats)) => return Ok(stats),
-                Ok(ReceiveEvent::Failed(message)) => return Err(anyhow!("{message}")),
+                Ok(ReceiveEvent::Failed { message, errno }) => {
+                    return Err(anyhow::Error::new(ReceiverFailed { message, errno }))
+                }
                 Err(e) => return Err(e.context(format!("lost the connection to {receiver_label}"))),
             }
         }
     };
-    let (relayed, received) = tokio::join!(relay, watch);
+    // The receiver's verdict ends the transfer: after a failure nothing more is relayed.
+    let mut relay = Box::pin(relay);
+    let mut watch = Box::pin(watch);
+    let mut relayed = None;
+    let received = loop {
+        tokio::select! {
+            r = &mut relay, if relayed.is_none() => relayed = Some(r),
+            w = &mut watch => break w,
+        }
+    };
+    drop(watch);
+    let receiving_into = || format!("receiving into {} on {receiver_label}", to.root.display());
+    let (relayed, received) = match (relayed, received) {
+        (Some(r), received) => (r, received),
+        (None, Ok(stats)) => (relay.await, Ok(stats)),
+        (None, Err(e)) => {
+            // The sender is mid-stream and the receiver has given up: stop both instead of
+            // producing and skipping the rest.
+            drop(relay);
+            sender.abort();
+            receiver.input = None;
+            return Err(e.context(receiving_into()));
+        }
+    };
     match (relayed, received) {
         (Ok(()), Ok(stats)) => Ok(stats),
         // The sender's failure is the cause; the receiver's message says what DEST holds.
         (Err(cause), Err(dest_state)) => Err(cause.context(format!("{dest_state:#}"))),
         (Err(cause), Ok(_)) => Err(cause),
-        (Ok(()), Err(e)) => Err(e.context(format!(
-            "receiving into {} on {receiver_label}",
-            to.root.display()
-        ))),
+        (Ok(()), Err(e)) => Err(e.context(receiving_into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync::manifest::{Entry, Kind, Meta};
+    use crate::sync::plan::SendItem;
+
+    fn entry(path: &[u8], kind: Kind, size: u64, nlink: u64) -> Entry {
+        Entry {
+            path: path.to_vec(),
+            kind,
+            size,
+            meta: Meta {
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+                user: None,
+                group: None,
+                mtime: 0,
+                mtime_nsec: 0,
+            },
+            dev: 1,
+            ino: 1,
+            nlink,
+            target: None,
+            hash: None,
+        }
+    }
+
+    #[test]
+    fn space_needed_counts_whole_blocks_and_credits_what_deletes_free() {
+        let send = |path: &[u8], size, link_to: Option<&[u8]>| SendItem {
+            path: path.to_vec(),
+            kind: Kind::File,
+            link_to: link_to.map(|l| l.to_vec()),
+            size,
+        };
+        let plan = Plan {
+            send: vec![
+                send(b"n/a", 1, None),
+                send(b"n/b", 5000, None),
+                send(b"n/c", 5000, Some(b"n/b")),
+            ],
+            mkdir: vec![b"n".to_vec()],
+            delete: vec![b"old".to_vec()],
+            ..Plan::default()
+        };
+        let dest = Manifest {
+            entries: vec![
+                entry(b"", Kind::Dir, 0, 1),
+                entry(b"old", Kind::Dir, 0, 1),
+                entry(b"old/x", Kind::File, 4096, 1),
+                // Another name keeps this inode alive.
+                entry(b"old/y", Kind::File, 8192, 2),
+                entry(b"keep", Kind::File, 4096, 1),
+            ],
+            ..Manifest::default()
+        };
+        assert_eq!(
+            needed(&plan, &dest, 4096),
+            Needed {
+                // a: one block, b: two, the directory one; old/x frees one.
+                bytes: 3 * 4096,
+                // a, b and n; old and old/x are freed.
+                inodes: 1,
+            }
+        );
     }
 }

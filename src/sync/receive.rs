@@ -289,8 +289,19 @@ impl<R: Read> Read for CountingReader<R> {
     }
 }
 
+/// Which side of a copy failed: a failed read is the stream's (or the source's) fault, a
+/// failed write DEST's (full, read-only, a disk error), and the message must say which.
+enum CopyError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
 /// Writes `src` to `out` while hashing it; returns the digest and byte count.
-fn copy_hashing(src: &mut impl Read, out: &mut File, buf: &mut [u8]) -> io::Result<(Digest, u64)> {
+fn copy_hashing(
+    src: &mut impl Read,
+    out: &mut File,
+    buf: &mut [u8],
+) -> Result<(Digest, u64), CopyError> {
     let mut hasher = Sha256::new();
     let mut total = 0u64;
     loop {
@@ -298,10 +309,10 @@ fn copy_hashing(src: &mut impl Read, out: &mut File, buf: &mut [u8]) -> io::Resu
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
+            Err(e) => return Err(CopyError::Read(e)),
         };
         hasher.update(&buf[..n]);
-        out.write_all(&buf[..n])?;
+        out.write_all(&buf[..n]).map_err(CopyError::Write)?;
         total += n as u64;
     }
     Ok((hasher.finalize().into(), total))
@@ -535,6 +546,7 @@ impl<'p> Receiver<'p> {
                     )?;
                     let mut out = File::from(out);
                     let (copied, _) = copy_hashing(&mut file, &mut out, &mut self.buf)
+                        .map_err(|(CopyError::Read(e) | CopyError::Write(e))| e)
                         .with_context(|| format!("copying {what}"))?;
                     if copied != reuse.digest {
                         bail!("{what} changed while being copied; run the sync again");
@@ -612,9 +624,7 @@ impl<'p> Receiver<'p> {
             };
             let mut archive = tar::Archive::new(reader);
             let mut last_report = Instant::now();
-            let cut = |e: &dyn std::fmt::Display| {
-                anyhow!("the stream broke off ({e:#}); DEST keeps, for each path, its old or its new version; run the same command again to finish")
-            };
+            let cut = |e: &dyn std::fmt::Display| anyhow!("the stream broke off ({e:#})");
             let mut members = MemberReader::new(&mut archive, trailer_cap).map_err(|e| cut(&e))?;
             while let Some((member, mut entry)) = members.next_member().map_err(|e| cut(&e))? {
                 validate(&member.path).context("refusing a stream member")?;
@@ -661,8 +671,13 @@ impl<'p> Receiver<'p> {
                         )
                         .with_context(|| format!("creating a temporary file for {what}"))?;
                         let mut file = File::from(fd);
-                        let (got, n) = copy_hashing(&mut entry, &mut file, &mut self.buf)
-                            .map_err(|e| cut(&e))?;
+                        let (got, n) = match copy_hashing(&mut entry, &mut file, &mut self.buf) {
+                            Ok(done) => done,
+                            Err(CopyError::Read(e)) => return Err(cut(&e)),
+                            Err(CopyError::Write(e)) => {
+                                return Err(e).with_context(|| format!("writing {what}"))
+                            }
+                        };
                         if got != *digest {
                             bail!("{what}: content does not match the sender's SHA-256; nothing was written under its name. The source file may have changed during the sync; run it again");
                         }
