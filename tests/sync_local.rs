@@ -486,3 +486,64 @@ fn a_dest_that_fills_during_the_transfer_fails_at_once_naming_the_disk() {
     );
     assert!(!p(&dest, b"a/big000").exists());
 }
+
+#[test]
+fn a_file_written_during_the_sync_is_left_behind_reported_and_exits_3() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dest, cache) = (
+        t.path().join("src"),
+        t.path().join("dest"),
+        t.path().join("cache"),
+    );
+    // Over 16 MiB: the sender reads it twice, to hash and to send, like a live mbox.
+    random_files(&src, "mbox", 1, 20 << 20);
+    write(&src, b"a", b"a");
+    sync_json(&src, &dest, &[], &cache);
+    let old = fs::read(dest.join("mbox000")).unwrap();
+    write(&src, b"z-new", b"arrives");
+    // A writer rewrites the file in place, as a mail server appending to an mbox would,
+    // for as long as the sync runs.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, path) = (stop.clone(), src.join("mbox000"));
+        std::thread::spawn(move || {
+            use std::os::unix::fs::FileExt;
+            let f = fs::OpenOptions::new().write(true).open(path).unwrap();
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                f.write_all_at(&n.to_le_bytes(), 0).unwrap();
+                f.write_all_at(&n.to_le_bytes(), (20 << 20) - 8).unwrap();
+            }
+        })
+    };
+    let args = sync_args(&[OsStr::new("--json")], &src, &dest);
+    let a: Vec<&OsStr> = args.iter().map(|x| x.as_os_str()).collect();
+    let out = relaymove(&a, &cache);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{msg}");
+    assert!(msg.contains("left behind"), "{msg}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let skipped = report["skipped"].as_array().unwrap();
+    assert_eq!(skipped.len(), 1, "{report}");
+    assert_eq!(skipped[0]["path"], "mbox000");
+    assert!(
+        skipped[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("changed on the source during the sync"),
+        "{report}"
+    );
+    assert!(report["warnings"][0]
+        .as_str()
+        .unwrap()
+        .contains("left behind"));
+    assert_eq!(
+        fs::read(dest.join("mbox000")).unwrap(),
+        old,
+        "DEST's old version"
+    );
+    assert_eq!(fs::read(dest.join("z-new")).unwrap(), b"arrives");
+}

@@ -19,6 +19,11 @@ use std::time::Instant;
 ///
 /// Each endpoint is a local PATH or [user@]host[:port]:/PATH. Trailing slashes do not
 /// matter: the contents of SRC become the contents of DEST, which is created if missing.
+///
+/// Exit status: 0 DEST mirrors SRC; 1 failure (DEST keeps, for each path, its old or its
+/// new version); 2 usage error; 3 finished, but files that changed or vanished on SRC
+/// during the sync were left behind (DEST keeps their old versions; `-v` and `--json` list
+/// them; run the sync again).
 #[derive(Args, Debug)]
 pub struct SyncCmd {
     /// Source: PATH or [user@]host[:port]:/PATH
@@ -181,13 +186,7 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
     // Close both agents either way; an agent's own complaint (it crashed, say) is added to
     // the error.
     let (src_closed, dest_closed) = tokio::join!(src_agent.close(), dest_agent.close());
-    let MirrorOutcome {
-        src: src_m,
-        plan,
-        stats,
-        scanned,
-        planned,
-    } = match mirrored {
+    let outcome = match mirrored {
         Ok(p) => {
             src_closed?;
             dest_closed?;
@@ -203,6 +202,14 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
             return Err(anyhow!(message));
         }
     };
+    let left_behind = outcome.left_behind().len();
+    let MirrorOutcome {
+        src: src_m,
+        plan,
+        stats,
+        scanned,
+        planned,
+    } = outcome;
     if (cmd.dry_run || cmd.verbose) && !cmd.json {
         print_plan(&plan)?;
     }
@@ -230,7 +237,7 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
         })
         .collect();
     skipped.sort_by(|a, b| a.path.cmp(&b.path));
-    let report = if cmd.dry_run {
+    let mut report = if cmd.dry_run {
         SyncReport {
             files_scanned: src_m.entries.len() as u64,
             files_sent: plan.stats.files_to_send,
@@ -261,6 +268,12 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
             warnings: stats.warnings.clone(),
         }
     };
+    if left_behind > 0 {
+        report.warnings.push(format!(
+            "{left_behind} files changed or vanished on the source during the sync and were left behind \
+             (DEST keeps their old versions; -v lists them); run the sync again to copy them"
+        ));
+    }
     if !cmd.quiet {
         for w in &report.warnings {
             eprintln!("relaymove: warning: {w}");
@@ -278,8 +291,11 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
     } else if !cmd.quiet {
         eprintln!("{}", summary(&report, &cmd.src, &cmd.dest));
     }
-    Ok(0)
+    Ok(if left_behind > 0 { LEFT_BEHIND } else { 0 })
 }
+
+/// Exit status of a sync that finished but left files behind (see `SyncCmd`).
+const LEFT_BEHIND: i32 = 3;
 
 fn summary(r: &SyncReport, src: &str, dest: &str) -> String {
     let mb = |b: u64| b as f64 / 1e6;

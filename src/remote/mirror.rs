@@ -12,7 +12,7 @@ use crate::remote::protocol::{
     read_chunk_async, read_frame_async, Hashes, ReceiveEvent, Reply, Request, Space, CHUNK,
 };
 use crate::report::progress::Progress;
-use crate::sync::manifest::{Digest, Manifest};
+use crate::sync::manifest::{Digest, Manifest, Skipped};
 use crate::sync::plan::{self, Plan, PlanOptions};
 use crate::sync::receive::ReceiveStats;
 use anyhow::{anyhow, bail, Context, Result};
@@ -56,6 +56,13 @@ pub struct MirrorOutcome {
 }
 
 impl MirrorOutcome {
+    /// Files SRC has but DEST did not get in this run: they vanished or changed on the
+    /// source while it was read (a live tree). DEST keeps its old version; the next run
+    /// copies them.
+    pub fn left_behind(&self) -> &[Skipped] {
+        &self.stats.vanished
+    }
+
     /// True when every file written was checked against the sender's SHA-256.
     pub fn verified(&self) -> bool {
         self.plan.is_empty() || self.stats.verified
