@@ -547,3 +547,60 @@ fn a_file_written_during_the_sync_is_left_behind_reported_and_exits_3() {
     );
     assert_eq!(fs::read(dest.join("z-new")).unwrap(), b"arrives");
 }
+
+#[test]
+fn a_second_sync_into_the_same_dest_is_refused_naming_the_first_and_the_first_completes() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dest, cache) = (
+        t.path().join("src"),
+        t.path().join("dest"),
+        t.path().join("cache"),
+    );
+    random_files(&src, "m", 3, 8 << 20);
+    // zstd's slowest level keeps the first sync busy for seconds.
+    let first = std::process::Command::new(common::bin())
+        .args(sync_args(
+            &[OsStr::new("--compress-level"), OsStr::new("19")],
+            &src,
+            &dest,
+        ))
+        .env("RELAYMOVE_CACHE_DIR", &cache)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The receiver creates DEST after it took the lock.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !dest.exists() {
+        assert!(std::time::Instant::now() < deadline, "DEST never appeared");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let (code, msg) = run_sync(&sync_args(&[], &src, &dest), &cache);
+    assert_eq!(code, Some(1), "{msg}");
+    assert!(
+        msg.contains(&format!(
+            "DEST {} is in use by another relaymove (agent pid ",
+            dest.display()
+        )),
+        "{msg}"
+    );
+    // The pid named is the first sync's receiving agent, a child of the first sync.
+    let pid: String = msg
+        .split("agent pid ")
+        .nth(1)
+        .unwrap_or_default()
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    assert!(
+        status.contains(&format!("PPid:\t{}\n", first.id())),
+        "pid {pid} is not an agent of the first sync: {msg}"
+    );
+    let first_out = first.wait_with_output().unwrap();
+    assert!(
+        first_out.status.success(),
+        "the first sync failed: {}",
+        String::from_utf8_lossy(&first_out.stderr)
+    );
+    assert_mirror(&src, &dest);
+}

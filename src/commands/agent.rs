@@ -8,19 +8,22 @@ use crate::remote::protocol::{
     Request, Space, PROTOCOL,
 };
 use crate::sync::beneath::{validate, Tree};
-use crate::sync::hash_cache::HashCache;
+use crate::sync::hash_cache::{hex, HashCache};
 use crate::sync::manifest::Manifest;
 use crate::sync::plan::{Plan, SendItem};
 use crate::sync::receive::{Durability, Receiver};
 use crate::sync::scan::{hash_path, scan, ScanOptions};
 use crate::sync::send::{send, SendOptions};
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use std::collections::HashSet;
+use nix::fcntl::{Flock, FlockArg};
+use sha2::Digest as _;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
 
 /// Internal: the per-host half of a sync (started by the controller, not by people).
 #[derive(Args, Debug)]
@@ -42,8 +45,7 @@ pub fn run(cmd: AgentCmd) -> Result<i32> {
     let mut input = io::stdin();
     let stdout = io::stdout();
     write_frame(&mut stdout.lock(), &Hello { protocol: PROTOCOL })?;
-    // Locks taken for the controller; the kernel releases them when this process ends.
-    let mut held = Vec::new();
+    let mut held = Held::default();
     while let Some(request) = read_frame_opt::<Request>(&mut input)? {
         let mut out = stdout.lock();
         match request {
@@ -67,8 +69,11 @@ pub fn run(cmd: AgentCmd) -> Result<i32> {
                 write_frame(&mut out, &text(sent))?;
             }
             Request::Lock { path: file } => {
-                let locked = lock(path(&file)).map(|l| held.push(l));
+                let locked = held.migration(path(&file));
                 write_frame(&mut out, &text(locked))?;
+            }
+            Request::LockTree { root } => {
+                write_frame(&mut out, &text(held.tree(path(&root))))?;
             }
             Request::Space { root } => {
                 write_frame(&mut out, &text(space(path(&root))))?;
@@ -111,9 +116,8 @@ fn text<T>(r: Result<T>) -> Reply<T> {
 }
 
 /// Locks `file` exclusively without waiting and writes this process's id into it, so
-/// that a second controller is told who holds it.
-fn lock(file: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
-    use nix::fcntl::{Flock, FlockArg};
+/// that a second controller is told who holds it: `Ok(Err(pid))` when another holds it.
+fn lock(file: &Path) -> Result<Result<Flock<std::fs::File>, String>> {
     use std::io::{Read, Seek};
     use std::os::unix::fs::OpenOptionsExt;
     let f = std::fs::OpenOptions::new()
@@ -130,17 +134,95 @@ fn lock(file: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
         Err((mut f, _)) => {
             let mut holder = String::new();
             let _ = f.read_to_string(&mut holder);
-            anyhow::bail!(
-                "another relaymove holds {} (agent pid {}); two migrations must not interleave\nhint: wait for it, or end it (the lock goes with its process)",
-                file.display(),
-                holder.trim()
-            );
+            return Ok(Err(holder.trim().to_string()));
         }
     };
     locked.set_len(0)?;
     locked.rewind()?;
     write!(locked, "{}", std::process::id())?;
-    Ok(locked)
+    Ok(Ok(locked))
+}
+
+/// Locks for the controller, held until this process ends (the kernel then releases them).
+#[derive(Default)]
+struct Held(HashMap<PathBuf, Flock<std::fs::File>>);
+
+impl Held {
+    /// The migration lock: one controller per old host.
+    fn migration(&mut self, file: &Path) -> Result<()> {
+        if self.0.contains_key(file) {
+            return Ok(());
+        }
+        match lock(file)? {
+            Ok(l) => {
+                self.0.insert(file.to_path_buf(), l);
+                Ok(())
+            }
+            Err(pid) => bail!(
+                "another relaymove holds {} (agent pid {pid}); two migrations must not interleave\nhint: wait for it, or end it (the lock goes with its process)",
+                file.display()
+            ),
+        }
+    }
+
+    /// The lock of one receiving tree: two receivers in one DEST would each remove the
+    /// other's temporary files as leftovers. Again for the same tree in this session, it is
+    /// already held.
+    fn tree(&mut self, root: &Path) -> Result<()> {
+        let file = tree_lock_file(root)?;
+        if self.0.contains_key(&file) {
+            return Ok(());
+        }
+        match lock(&file)? {
+            Ok(l) => {
+                self.0.insert(file, l);
+                Ok(())
+            }
+            Err(pid) => bail!(
+                "DEST {} is in use by another relaymove (agent pid {pid}, lock {}); two syncs into one DEST would \
+                 undo each other's work; nothing was changed\nhint: wait for the other sync to finish, or end it \
+                 (`kill {pid}` on this host ends its agent, and the lock with it)",
+                root.display(),
+                file.display()
+            ),
+        }
+    }
+}
+
+/// Where the lock of the tree at `root` lives: one file per tree, named by the hash of its
+/// canonical path (symlinks and `..` resolved as far as the path exists), under /run (gone
+/// after a reboot, like the processes that held the locks) or the user's runtime directory.
+fn tree_lock_file(root: &Path) -> Result<PathBuf> {
+    let mut existing = root;
+    let mut rest = Vec::new();
+    let canonical = loop {
+        match existing.canonicalize() {
+            Ok(c) => break c,
+            Err(_) => match (existing.parent(), existing.file_name()) {
+                (Some(parent), Some(name)) => {
+                    rest.push(name.to_os_string());
+                    existing = parent;
+                }
+                _ => bail!("no existing directory above {}", root.display()),
+            },
+        }
+    };
+    let canonical = rest.iter().rev().fold(canonical, |p, n| p.join(n));
+    let dir = if nix::unistd::geteuid().is_root() {
+        PathBuf::from("/run/relaymove")
+    } else if let Some(runtime) = std::env::var_os("XDG_RUNTIME_DIR") {
+        PathBuf::from(runtime).join("relaymove")
+    } else {
+        let home = std::env::var_os("HOME").context("neither XDG_RUNTIME_DIR nor HOME is set")?;
+        PathBuf::from(home).join(".local/lib/relaymove/locks")
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let digest = sha2::Sha256::digest(canonical.as_os_str().as_bytes());
+    Ok(dir.join(format!("tree-{}.lock", &hex(&digest)[..32])))
 }
 
 /// The first OS error number in an error chain.
@@ -177,11 +259,7 @@ fn space(root: &Path) -> Result<Space> {
     let block = st.fragment_size().max(1);
     Ok(Space {
         bytes_free: blocks.saturating_mul(block),
-        inodes_free: if st.files() == 0 {
-            u64::MAX
-        } else {
-            inodes
-        },
+        inodes_free: if st.files() == 0 { u64::MAX } else { inodes },
         block,
     })
 }

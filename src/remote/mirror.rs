@@ -116,6 +116,15 @@ pub async fn mirror(
 ) -> Result<MirrorOutcome> {
     let start = Instant::now();
     let (src_what, dest_what) = (describe(&src), describe(&dest));
+    // Before the scan: a second sync into this DEST is refused before it plans anything.
+    if !opts.dry_run {
+        dest.agent
+            .call::<()>(&Request::LockTree {
+                root: root_bytes(dest.root),
+            })
+            .await
+            .with_context(|| format!("locking {dest_what}"))?;
+    }
     let (mut src_m, mut dest_m) =
         scan_both(&mut src, &mut dest, opts.checksum, &opts.excludes).await?;
     if !src_m.root_exists && !opts.allow_empty_source {

@@ -72,6 +72,11 @@ pub enum Request {
     Space {
         root: Vec<u8>,
     },
+    /// Lock the tree at `root` for this agent's session (a file per tree under /run);
+    /// answered with `Reply<()>`, an error naming the holder's pid when another has it.
+    LockTree {
+        root: Vec<u8>,
+    },
     /// Take an exclusive lock on a file of the host and hold it while the agent runs;
     /// answered with `Reply<()>`, an error naming the holder when another process has it.
     Lock { path: Vec<u8> },
