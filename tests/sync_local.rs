@@ -604,3 +604,24 @@ fn a_second_sync_into_the_same_dest_is_refused_naming_the_first_and_the_first_co
     );
     assert_mirror(&src, &dest);
 }
+
+#[test]
+fn a_dest_not_created_yet_inside_src_is_refused_as_an_overlap() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, cache) = (t.path().join("src"), t.path().join("cache"));
+    write(&src, b"a", b"1");
+    symlink(&src, t.path().join("via-link")).unwrap();
+    for dest in [
+        src.join("sub"),
+        src.join("deeper/sub"),
+        t.path().join("via-link/sub"),
+    ] {
+        let (code, msg) = run_sync(&sync_args(&[], &src, &dest), &cache);
+        assert_eq!(code, Some(2), "{}: {msg}", dest.display());
+        assert!(
+            msg.contains("overlap; SRC and DEST must be separate trees"),
+            "{msg}"
+        );
+    }
+    assert_eq!(fs::read_dir(&src).unwrap().count(), 1, "SRC was written to");
+}

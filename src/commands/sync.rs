@@ -105,7 +105,7 @@ pub fn run(cmd: SyncCmd) -> Result<i32> {
         return usage("--quiet and --verbose contradict each other");
     }
     if let (Endpoint::Local(a), Endpoint::Local(b)) = (&src, &dest) {
-        if let (Ok(a), Ok(b)) = (a.canonicalize(), b.canonicalize()) {
+        if let (Some(a), Some(b)) = (resolved(a), resolved(b)) {
             if b.starts_with(&a) || a.starts_with(&b) {
                 return usage(&format!(
                     "{} and {} overlap; SRC and DEST must be separate trees",
@@ -121,6 +121,24 @@ pub fn run(cmd: SyncCmd) -> Result<i32> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(sync(cmd, src, dest))
+}
+
+/// `p` with symlinks and `..` resolved as far as it exists, the missing rest appended: a
+/// DEST not created yet is compared where it will be. None when that cannot be told (a
+/// missing part with `..` in it).
+fn resolved(p: &Path) -> Option<PathBuf> {
+    let mut existing = p;
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(c) = existing.canonicalize() {
+            return Some(rest.iter().rev().fold(c, |c, name| c.join(name)));
+        }
+        rest.push(existing.file_name()?);
+        existing = match existing.parent()? {
+            parent if parent.as_os_str().is_empty() => Path::new("."),
+            parent => parent,
+        };
+    }
 }
 
 fn usage(msg: &str) -> Result<i32> {
