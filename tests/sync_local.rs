@@ -625,3 +625,77 @@ fn a_dest_not_created_yet_inside_src_is_refused_as_an_overlap() {
     }
     assert_eq!(fs::read_dir(&src).unwrap().count(), 1, "SRC was written to");
 }
+
+/// The children of `parent` with an open file under `dir` (the agent working there).
+fn agents_in(parent: u32, dir: &Path) -> Vec<i32> {
+    let mut found = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let status = fs::read_to_string(e.path().join("status")).unwrap_or_default();
+        if !status.contains(&format!("PPid:\t{parent}\n")) {
+            continue;
+        }
+        let fds = fs::read_dir(e.path().join("fd"))
+            .into_iter()
+            .flatten()
+            .flatten();
+        if fds
+            .filter_map(|fd| fs::read_link(fd.path()).ok())
+            .any(|target| target.starts_with(dir))
+        {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+#[test]
+fn a_stopped_agent_fails_the_sync_after_the_timeout_naming_host_and_phase() {
+    use std::time::{Duration, Instant};
+    let signal = |pid: i32, sig: i32| {
+        // SAFETY: kill(2) with a pid this test found among its own grandchildren.
+        unsafe { libc::kill(pid, sig) }
+    };
+    let t = tempfile::tempdir().unwrap();
+    let (src, dest, cache) = (
+        t.path().join("src"),
+        t.path().join("dest"),
+        t.path().join("cache"),
+    );
+    // Far more than the pipes and the relay buffer hold, so the stream backs up.
+    random_files(&src, "m", 8, 8 << 20);
+    let args = sync_args(&[OsStr::new("--timeout"), OsStr::new("2")], &src, &dest);
+    let sync = std::process::Command::new(common::bin())
+        .args(args)
+        .env("RELAYMOVE_CACHE_DIR", &cache)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Stop the receiver as soon as it starts receiving (it holds DEST open).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let receiver = loop {
+        if dest.exists() {
+            if let [pid] = agents_in(sync.id(), &dest)[..] {
+                break pid;
+            }
+        }
+        assert!(Instant::now() < deadline, "the receiver never started");
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    assert_eq!(signal(receiver, libc::SIGSTOP), 0);
+    let stopped = Instant::now();
+    let out = sync.wait_with_output().unwrap();
+    let waited = stopped.elapsed();
+    // Never leave a stopped process behind, whatever the sync did.
+    signal(receiver, libc::SIGKILL);
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{msg}");
+    assert!(
+        msg.contains("the agent on this host made no progress for 2 s while receiving the stream"),
+        "{msg}"
+    );
+    assert!(msg.contains("raise --timeout"), "{msg}");
+    assert!(waited < Duration::from_secs(15), "gave up after {waited:?}");
+}

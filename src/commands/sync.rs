@@ -5,7 +5,7 @@
 
 use crate::remote::agent::{Agent, Host, SshOptions};
 use crate::remote::endpoint::Endpoint;
-use crate::remote::mirror::{mirror, MirrorOptions, MirrorOutcome, Side};
+use crate::remote::mirror::{mirror, MirrorOptions, MirrorOutcome, Side, DEFAULT_TIMEOUT};
 use crate::sync::manifest::display_path;
 use crate::sync::plan::{Plan, ReuseMode};
 use anyhow::{anyhow, Context, Result};
@@ -13,7 +13,7 @@ use clap::Args;
 use serde::Serialize;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Make DEST an exact, verified mirror of SRC (like `rsync -aH --delete SRC/ DEST/`).
 ///
@@ -64,6 +64,11 @@ pub struct SyncCmd {
     /// Also write the transfer stream to FILE (zstd-compressed tar: `zstd -dc FILE | tar tv`).
     #[arg(long, value_name = "FILE")]
     pub tee_stream: Option<PathBuf>,
+    /// Fail when an agent sends nothing for SECONDS in any phase (a hung disk, a stopped
+    /// process, a dead connection); raise it for a scan or final disk sync that is slower.
+    #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_TIMEOUT.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: u64,
     /// ssh_config file to use instead of ~/.ssh/config.
     #[arg(long, env = "RELAYMOVE_SSH_CONFIG", value_name = "FILE")]
     pub ssh_config: Option<PathBuf>,
@@ -188,6 +193,7 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
         level,
         tee_stream: cmd.tee_stream.clone(),
         progress: !cmd.quiet && !cmd.no_progress,
+        timeout: Duration::from_secs(cmd.timeout),
     };
     let mirrored = mirror(
         Side {

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 
 /// What to mirror and how.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct MirrorOptions {
     /// Delete what DEST has and SRC has not.
     pub delete: bool,
@@ -43,6 +43,29 @@ pub struct MirrorOptions {
     pub tee_stream: Option<PathBuf>,
     /// Show a progress bar or lines on stderr while the stream flows.
     pub progress: bool,
+    /// An agent that sends nothing for this long, in any phase, fails the mirror (a hung
+    /// disk, a stopped process or a dead connection would otherwise wait forever).
+    pub timeout: Duration,
+}
+
+/// `MirrorOptions::timeout` unless set: long enough for a scan of a big tree or the final
+/// `syncfs` of a slow disk, which send nothing while they run.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+
+impl Default for MirrorOptions {
+    fn default() -> MirrorOptions {
+        MirrorOptions {
+            delete: false,
+            checksum: false,
+            excludes: Vec::new(),
+            allow_empty_source: false,
+            dry_run: false,
+            level: 0,
+            tee_stream: None,
+            progress: false,
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
 }
 
 /// What a mirror found and did.
@@ -91,6 +114,16 @@ pub async fn scan_both(
     checksum: bool,
     excludes: &[String],
 ) -> Result<(Manifest, Manifest)> {
+    scan_both_within(src, dest, checksum, excludes, None).await
+}
+
+async fn scan_both_within(
+    src: &mut Side<'_>,
+    dest: &mut Side<'_>,
+    checksum: bool,
+    excludes: &[String],
+    limit: Option<Duration>,
+) -> Result<(Manifest, Manifest)> {
     let scan = |root: &Path| Request::Scan {
         root: root_bytes(root),
         checksum,
@@ -98,14 +131,50 @@ pub async fn scan_both(
     };
     let (src_scan, dest_scan) = (scan(src.root), scan(dest.root));
     let (src_what, dest_what) = (describe(src), describe(dest));
+    let (src_phase, dest_phase) = (
+        format!("scanning {src_what}"),
+        format!("scanning {dest_what}"),
+    );
     let (s, d) = tokio::join!(
-        src.agent.call::<Manifest>(&src_scan),
-        dest.agent.call::<Manifest>(&dest_scan)
+        call_within::<Manifest>(src.agent, &src_scan, limit, &src_phase),
+        call_within::<Manifest>(dest.agent, &dest_scan, limit, &dest_phase)
     );
     Ok((
         s.with_context(|| format!("scanning {src_what}"))?,
         d.with_context(|| format!("scanning {dest_what}"))?,
     ))
+}
+
+/// `agent.call`, failing when the agent answers nothing for `limit`; the agent is then
+/// abandoned (its session can no longer be trusted to be in step).
+async fn call_within<T: serde::de::DeserializeOwned>(
+    agent: &mut Agent,
+    request: &Request,
+    limit: Option<Duration>,
+    phase: &str,
+) -> Result<T> {
+    let Some(limit) = limit else {
+        return agent.call(request).await;
+    };
+    match tokio::time::timeout(limit, agent.call::<T>(request)).await {
+        Ok(answer) => answer,
+        Err(_) => {
+            let e = silent(agent.label(), phase, limit);
+            agent.abort();
+            Err(e)
+        }
+    }
+}
+
+/// The error for an agent that went silent.
+fn silent(host: &str, phase: &str, limit: Duration) -> anyhow::Error {
+    anyhow!(
+        "the agent on {host} made no progress for {} s while {phase}: it is stuck (a hung disk or mount, a \
+         stopped process) or its connection is dead; if that phase is legitimately this slow there, raise \
+         --timeout (now {} s)",
+        limit.as_secs(),
+        limit.as_secs()
+    )
 }
 
 /// Makes `dest` a mirror of `src`.
@@ -117,16 +186,17 @@ pub async fn mirror(
     let start = Instant::now();
     let (src_what, dest_what) = (describe(&src), describe(&dest));
     // Before the scan: a second sync into this DEST is refused before it plans anything.
+    let limit = Some(opts.timeout);
     if !opts.dry_run {
-        dest.agent
-            .call::<()>(&Request::LockTree {
-                root: root_bytes(dest.root),
-            })
+        let lock = Request::LockTree {
+            root: root_bytes(dest.root),
+        };
+        call_within::<()>(dest.agent, &lock, limit, &format!("locking {dest_what}"))
             .await
             .with_context(|| format!("locking {dest_what}"))?;
     }
     let (mut src_m, mut dest_m) =
-        scan_both(&mut src, &mut dest, opts.checksum, &opts.excludes).await?;
+        scan_both_within(&mut src, &mut dest, opts.checksum, &opts.excludes, limit).await?;
     if !src_m.root_exists && !opts.allow_empty_source {
         bail!(
             "SRC {} does not exist on {}; nothing was changed\nhint: check the path; pass --allow-empty-source to empty DEST",
@@ -147,9 +217,13 @@ pub async fn mirror(
             paths,
         };
         let (src_hash, dest_hash) = (hash(src.root, request.src), hash(dest.root, request.dest));
+        let (src_phase, dest_phase) = (
+            format!("hashing rename candidates in {src_what}"),
+            format!("hashing rename candidates in {dest_what}"),
+        );
         let (hs, hd) = tokio::join!(
-            src.agent.call::<Hashes>(&src_hash),
-            dest.agent.call::<Hashes>(&dest_hash)
+            call_within::<Hashes>(src.agent, &src_hash, limit, &src_phase),
+            call_within::<Hashes>(dest.agent, &dest_hash, limit, &dest_phase)
         );
         fill_hashes(&mut src_m, hs?);
         fill_hashes(&mut dest_m, hd?);
@@ -160,13 +234,13 @@ pub async fn mirror(
     let stats = if opts.dry_run || plan.is_empty() {
         ReceiveStats::default()
     } else {
-        let space = dest
-            .agent
-            .call::<Space>(&Request::Space {
-                root: root_bytes(dest.root),
-            })
+        let request = Request::Space {
+            root: root_bytes(dest.root),
+        };
+        let phase = format!("checking the free space of {dest_what}");
+        let space = call_within::<Space>(dest.agent, &request, limit, &phase)
             .await
-            .with_context(|| format!("checking the free space of {dest_what}"))?;
+            .with_context(|| phase.clone())?;
         check_space(&needed(&plan, &dest_m, space.block), &space, &dest_what)?;
         let tee = match &opts.tee_stream {
             Some(path) => Some(create_tee(path)?),
@@ -177,7 +251,7 @@ pub async fn mirror(
             plan.stats.files_to_send,
             plan.stats.bytes_to_send,
         );
-        let result = transfer(src, dest, &plan, opts.level, tee, &mut progress).await;
+        let result = transfer(src, dest, &plan, opts, tee, &mut progress).await;
         progress.finish();
         result.map_err(|e| {
             let errno = e
@@ -338,10 +412,11 @@ async fn transfer(
     from: Side<'_>,
     to: Side<'_>,
     plan: &Plan,
-    level: i32,
+    opts: &MirrorOptions,
     mut tee: Option<tokio::fs::File>,
     progress: &mut Progress,
 ) -> Result<ReceiveStats> {
+    let level = opts.level;
     let (sender, receiver) = (from.agent, to.agent);
     let (sender_label, receiver_label) = (sender.label().to_string(), receiver.label().to_string());
     receiver
@@ -360,13 +435,24 @@ async fn transfer(
     let receiver_input = &mut receiver.input;
     let receiver_output = &mut receiver.output;
     let sender_output = &mut sender.output;
+    // What the transfer waits for and since when, for the watchdog: every chunk and frame
+    // that passes is activity.
+    let waiting =
+        std::sync::Mutex::new((Instant::now(), sender_label.clone(), "sending the stream"));
+    let wait_for = |host: &str, phase: &'static str| {
+        let mut w = waiting.lock().unwrap_or_else(|e| e.into_inner());
+        *w = (Instant::now(), host.to_string(), phase);
+    };
+    let active = || waiting.lock().unwrap_or_else(|e| e.into_inner()).0 = Instant::now();
     let relay = async {
         let mut buf = Vec::with_capacity(CHUNK);
         let relayed: Result<()> = async {
             loop {
+                wait_for(&sender_label, "sending the stream");
                 let more = read_chunk_async(sender_output, &mut buf)
                     .await
                     .with_context(|| format!("reading the stream from {sender_label}"))?;
+                wait_for(&receiver_label, "receiving the stream");
                 let input = receiver_input
                     .as_mut()
                     .ok_or_else(|| anyhow!("bug: receiver input closed"))?;
@@ -389,9 +475,11 @@ async fn transfer(
             if let Some(file) = tee.as_mut() {
                 file.flush().await.context("writing --tee-stream")?;
             }
+            wait_for(&sender_label, "finishing the stream");
             let sent: Reply<()> = read_frame_async(sender_output)
                 .await
                 .with_context(|| format!("reading the sender's result from {sender_label}"))?;
+            wait_for(&receiver_label, "finishing DEST (links, metadata, syncfs)");
             sent.map_err(|msg| anyhow!("{msg}"))
                 .with_context(|| format!("sending from {sender_label}"))
         }
@@ -406,7 +494,10 @@ async fn transfer(
     let watch = async {
         loop {
             match read_frame_async::<ReceiveEvent>(receiver_output).await {
-                Ok(ReceiveEvent::Progress(p)) => progress.update(&p, total_files),
+                Ok(ReceiveEvent::Progress(p)) => {
+                    active();
+                    progress.update(&p, total_files)
+                }
                 Ok(ReceiveEvent::Done(stats)) => return Ok(stats),
                 Ok(ReceiveEvent::Failed { message, errno }) => {
                     return Err(anyhow::Error::new(ReceiverFailed { message, errno }))
@@ -415,21 +506,47 @@ async fn transfer(
             }
         }
     };
+    let limit = opts.timeout;
+    let watchdog = async {
+        let tick = (limit / 4).min(Duration::from_secs(1));
+        loop {
+            tokio::time::sleep(tick).await;
+            let (since, host, phase) = waiting.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if since.elapsed() >= limit {
+                return silent(&host, phase, limit);
+            }
+        }
+    };
     // The receiver's verdict ends the transfer: after a failure nothing more is relayed.
     let mut relay = Box::pin(relay);
     let mut watch = Box::pin(watch);
+    let mut watchdog = Box::pin(watchdog);
     let mut relayed = None;
     let received = loop {
         tokio::select! {
             r = &mut relay, if relayed.is_none() => relayed = Some(r),
             w = &mut watch => break w,
+            e = &mut watchdog => {
+                drop((relay, watch));
+                // Whichever agent went silent, neither is in step any more.
+                sender.abort();
+                receiver.abort();
+                return Err(e);
+            }
         }
     };
     drop(watch);
     let receiving_into = || format!("receiving into {} on {receiver_label}", to.root.display());
     let (relayed, received) = match (relayed, received) {
         (Some(r), received) => (r, received),
-        (None, Ok(stats)) => (relay.await, Ok(stats)),
+        // The sender's result is all that is left to read.
+        (None, Ok(stats)) => match tokio::time::timeout(limit, relay).await {
+            Ok(r) => (r, Ok(stats)),
+            Err(_) => {
+                sender.abort();
+                return Err(silent(&sender_label, "finishing the stream", limit));
+            }
+        },
         (None, Err(e)) => {
             // The sender is mid-stream and the receiver has given up: stop both instead of
             // producing and skipping the rest.
