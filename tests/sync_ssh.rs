@@ -375,3 +375,100 @@ fn a_connection_killed_mid_stream_leaves_dest_consistent_and_a_rerun_finishes() 
     assert_mirror(&src, &dest);
     let _: PathBuf = dest;
 }
+
+/// The `ssh -M` master of a connection to `port`: its pid and its full command line.
+fn master_for(port: u16) -> Option<(i32, Vec<String>)> {
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(raw) = fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = raw
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let port = port.to_string();
+        if args.first().is_some_and(|a| a == "ssh")
+            && args.iter().any(|a| a == "-M")
+            && args.windows(2).any(|w| w[0] == "-p" && w[1] == port)
+        {
+            return Some((pid, args));
+        }
+    }
+    None
+}
+
+#[test]
+fn sigterm_during_a_sync_closes_the_ssh_master_removes_temp_files_and_exits_130() {
+    let Some(sshd) = sshd() else { return };
+    let t = tempfile::tempdir().unwrap();
+    let (src, dest, cache) = (
+        t.path().join("src"),
+        t.path().join("dest"),
+        t.path().join("cache"),
+    );
+    common::maildir::generate(&src, 5, 6000);
+    // The port on the command line tells this test's master from other tests' masters.
+    let target = format!("rmtest:{}:{}", sshd.port, dest.display());
+    let child = sshd
+        .sync(src.to_str().unwrap(), &target, &cache)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (master, args) = loop {
+        let landed = walkdir::WalkDir::new(&dest)
+            .into_iter()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().is_file())
+            .count();
+        if landed > 200 {
+            if let Some(m) = master_for(sshd.port) {
+                break m;
+            }
+        }
+        assert!(Instant::now() < deadline, "nothing landed in DEST");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    // SAFETY: kill(2) on the sync this test started.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let out = child.wait_with_output().unwrap();
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{msg}");
+    assert!(msg.contains("interrupted (SIGTERM)"), "{msg}");
+    assert!(
+        msg.contains("run the same command again to continue"),
+        "{msg}"
+    );
+    let gone = Instant::now() + Duration::from_secs(5);
+    while Path::new(&format!("/proc/{master}")).exists() {
+        assert!(
+            Instant::now() < gone,
+            "ssh master {master} still runs: {args:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let config = args
+        .windows(2)
+        .find(|w| w[0] == "-F")
+        .map(|w| PathBuf::from(&w[1]))
+        .expect("the master's -F config");
+    assert!(!config.exists(), "{} was left behind", config.display());
+    for e in walkdir::WalkDir::new(&dest)
+        .into_iter()
+        .filter_map(|e| e.ok())
+    {
+        let name = e.file_name().to_string_lossy();
+        assert!(!name.starts_with(".relaymove-"), "{name} left in DEST");
+    }
+    // A rerun finishes.
+    let r = ok(sshd
+        .sync(src.to_str().unwrap(), &remote(&dest), &cache)
+        .output()
+        .unwrap());
+    assert_eq!(r["verified"], true);
+    assert_mirror(&src, &dest);
+}

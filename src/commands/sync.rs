@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 /// Exit status: 0 DEST mirrors SRC; 1 failure (DEST keeps, for each path, its old or its
 /// new version); 2 usage error; 3 finished, but files that changed or vanished on SRC
 /// during the sync were left behind (DEST keeps their old versions; `-v` and `--json` list
-/// them; run the sync again).
+/// them; run the sync again); 130 interrupted by Ctrl-C or SIGTERM (the SSH sessions are
+/// closed; run the sync again to continue).
 #[derive(Args, Debug)]
 pub struct SyncCmd {
     /// Source: PATH or [user@]host[:port]:/PATH
@@ -173,7 +174,14 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
     let ssh = SshOptions {
         config: cmd.ssh_config.clone(),
     };
-    let (src_conn, dest_conn) = tokio::join!(connect(&src_ep, &ssh), connect(&dest_ep, &ssh));
+    // From here on Ctrl-C and SIGTERM no longer end the process at once: the sync closes
+    // what it opened first.
+    let mut interrupt = Box::pin(interrupted());
+    let (src_conn, dest_conn) = tokio::select! {
+        conns = async { tokio::join!(connect(&src_ep, &ssh), connect(&dest_ep, &ssh)) } => conns,
+        // A master half started ends by itself (ControlPersist).
+        how = &mut interrupt => return Ok(stopped(how)),
+    };
     let (src, src_root) = src_conn?;
     let (dest, dest_root) = dest_conn?;
     let level = cmd.compress_level.unwrap_or(match (&src_ep, &dest_ep) {
@@ -182,8 +190,20 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
     });
 
     let connected = start.elapsed();
-    let (sa, da) = tokio::join!(Agent::start(&src), Agent::start(&dest));
-    let (mut src_agent, mut dest_agent) = (sa?, da?);
+    let (sa, da) = tokio::select! {
+        agents = async { tokio::join!(Agent::start(&src), Agent::start(&dest)) } => agents,
+        how = &mut interrupt => {
+            tokio::join!(src.close(), dest.close());
+            return Ok(stopped(how));
+        }
+    };
+    let (mut src_agent, mut dest_agent) = match (sa, da) {
+        (Ok(s), Ok(d)) => (s, d),
+        (Err(e), _) | (_, Err(e)) => {
+            tokio::join!(src.close(), dest.close());
+            return Err(e);
+        }
+    };
     let opts = MirrorOptions {
         delete: !cmd.no_delete,
         checksum: cmd.checksum,
@@ -195,18 +215,27 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
         progress: !cmd.quiet && !cmd.no_progress,
         timeout: Duration::from_secs(cmd.timeout),
     };
-    let mirrored = mirror(
-        Side {
-            agent: &mut src_agent,
-            root: &src_root,
-        },
-        Side {
-            agent: &mut dest_agent,
-            root: &dest_root,
-        },
-        &opts,
-    )
-    .await;
+    let mirrored = tokio::select! {
+        mirrored = mirror(
+            Side {
+                agent: &mut src_agent,
+                root: &src_root,
+            },
+            Side {
+                agent: &mut dest_agent,
+                root: &dest_root,
+            },
+            &opts,
+        ) => mirrored,
+        how = &mut interrupt => {
+            // Their input closed, receivers remove their temporary files and end; an agent
+            // busy elsewhere (a long scan) is not waited for.
+            let closing = async { tokio::join!(src_agent.close(), dest_agent.close()) };
+            let _ = tokio::time::timeout(Duration::from_secs(10), closing).await;
+            tokio::join!(src.close(), dest.close());
+            return Ok(stopped(how));
+        }
+    };
     // Close both agents either way; an agent's own complaint (it crashed, say) is added to
     // the error.
     let (src_closed, dest_closed) = tokio::join!(src_agent.close(), dest_agent.close());
@@ -223,6 +252,7 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
                     message.push_str(&format!("\n  also: {agent:#}"));
                 }
             }
+            tokio::join!(src.close(), dest.close());
             return Err(anyhow!(message));
         }
     };
@@ -317,6 +347,36 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
     }
     Ok(if left_behind > 0 { LEFT_BEHIND } else { 0 })
 }
+
+/// Resolves at the first Ctrl-C or SIGTERM, naming it. Once polled, those signals no longer
+/// end the process by themselves.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => tokio::select! {
+            Ok(()) = tokio::signal::ctrl_c() => "Ctrl-C",
+            _ = term.recv() => "SIGTERM",
+        },
+        Err(_) => match tokio::signal::ctrl_c().await {
+            Ok(()) => "Ctrl-C",
+            // No handler could be installed: the default (ending at once) still holds.
+            Err(_) => std::future::pending().await,
+        },
+    }
+}
+
+/// Says how the interrupted sync left things; the exit status of a run ended by a signal.
+fn stopped(how: &str) -> i32 {
+    eprintln!(
+        "relaymove: interrupted ({how}): the sync stopped; DEST keeps, for each path, its old or its new version, \
+         and the SSH sessions are closed\nhint: run the same command again to continue; it sends only what is \
+         still missing"
+    );
+    INTERRUPTED
+}
+
+/// 128 + SIGINT, as shells report a command ended by Ctrl-C.
+const INTERRUPTED: i32 = 130;
 
 /// Exit status of a sync that finished but left files behind (see `SyncCmd`).
 const LEFT_BEHIND: i32 = 3;

@@ -236,6 +236,10 @@ impl Host {
             Host::Local { exe } => {
                 let mut child = tokio::process::Command::new(exe)
                     .args(["agent", "serve"])
+                    // Out of the terminal's process group: Ctrl-C reaches the controller
+                    // only, which closes the agent's input; a receiver then removes its
+                    // temporary files before it ends.
+                    .process_group(0)
                     .stdin(std::process::Stdio::piped())
                     .stdout(std::process::Stdio::piped())
                     .stderr(std::process::Stdio::piped())
