@@ -1,7 +1,8 @@
 //! relaymove: move a self-hosted mail server between Debian hosts.
 //!
 //! `main` only parses, dispatches and maps the result to an exit code:
-//! 0 success, 1 failure, 2 usage error (clap uses 2 for its own errors too).
+//! 0 success, 1 failure, 2 usage error (clap uses 2 for its own errors too); `sync` adds 3
+//! (finished, files left behind).
 
 mod cli;
 mod commands;

@@ -356,3 +356,346 @@ fn the_stream_is_a_tar_that_standard_tools_read() {
         "numeric owner without a name: {text}"
     );
 }
+
+/// A tmpfs of `size` mounted at `dir` (created), unmounted when dropped; None (with the
+/// reason) when not root, as mounting needs it.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipping: mounting a tmpfs needs root");
+            return None;
+        }
+        fs::create_dir_all(dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount -t tmpfs on {}", dir.display());
+        Some(Tmpfs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// `n` files of `size` random (incompressible) bytes under `dir`.
+fn random_files(dir: &Path, prefix: &str, n: usize, size: usize) {
+    fs::create_dir_all(dir).unwrap();
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ (n as u64);
+    for i in 0..n {
+        let data: Vec<u8> = (0..size / 8)
+            .flat_map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x.to_le_bytes()
+            })
+            .collect();
+        fs::write(dir.join(format!("{prefix}{i:03}")), data).unwrap();
+    }
+}
+
+fn sync_args(extra: &[&OsStr], src: &Path, dest: &Path) -> Vec<std::ffi::OsString> {
+    let mut v: Vec<std::ffi::OsString> = vec!["sync".into(), "--no-progress".into()];
+    v.extend(extra.iter().map(|e| e.to_os_string()));
+    v.push(src.into());
+    v.push(dest.into());
+    v
+}
+
+fn run_sync(args: &[std::ffi::OsString], cache: &Path) -> (Option<i32>, String) {
+    let a: Vec<&OsStr> = args.iter().map(|x| x.as_os_str()).collect();
+    let out = relaymove(&a, cache);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_dest_too_small_is_refused_before_anything_is_written() {
+    let t = tempfile::tempdir().unwrap();
+    let Some(_fs) = Tmpfs::mount(&t.path().join("small"), "2m") else {
+        return;
+    };
+    let (src, cache) = (t.path().join("src"), t.path().join("cache"));
+    random_files(&src, "m", 4, 1 << 20);
+    let dest = t.path().join("small/mail");
+    let (code, msg) = run_sync(&sync_args(&[], &src, &dest), &cache);
+    assert_eq!(code, Some(1), "{msg}");
+    assert!(
+        msg.contains(&format!(
+            "not enough space for DEST: need 4.2 MB, 2.1 MB free on this host:{}; nothing was changed",
+            dest.display()
+        )),
+        "{msg}"
+    );
+    assert!(!dest.exists(), "DEST was created");
+}
+
+#[test]
+fn a_dest_that_fills_during_the_transfer_fails_at_once_naming_the_disk() {
+    // DEST's own file system has room, so the check up front passes; `a/` inside it is a
+    // 1 MB file system (a mount point, as /var/vmail's subtrees can be), which the first
+    // file sent overflows. 40 MB follow it in the stream.
+    let t = tempfile::tempdir().unwrap();
+    let (src, dest, cache) = (
+        t.path().join("src"),
+        t.path().join("dest"),
+        t.path().join("cache"),
+    );
+    let Some(_fs) = Tmpfs::mount(&dest.join("a"), "1m") else {
+        return;
+    };
+    random_files(&src.join("a"), "big", 1, 2 << 20);
+    random_files(&src.join("b"), "m", 40, 1 << 20);
+    let tee = t.path().join("stream.zst");
+    let args = sync_args(&[OsStr::new("--tee-stream"), tee.as_os_str()], &src, &dest);
+    let (code, msg) = run_sync(&args, &cache);
+    assert_eq!(code, Some(1), "{msg}");
+    assert!(
+        msg.contains(&format!(
+            "writing {}/a/big000: No space left on device",
+            dest.display()
+        )),
+        "{msg}"
+    );
+    assert!(!msg.contains("broke off"), "blames the stream: {msg}");
+    assert!(msg.contains("is full"), "{msg}");
+    assert!(
+        !msg.contains("run the same command again"),
+        "a rerun cannot succeed: {msg}"
+    );
+    let relayed = fs::metadata(&tee).unwrap().len();
+    assert!(
+        relayed < 20 << 20,
+        "{relayed} bytes were relayed after DEST was full"
+    );
+    assert!(!p(&dest, b"a/big000").exists());
+}
+
+#[test]
+fn a_file_written_during_the_sync_is_left_behind_reported_and_exits_3() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dest, cache) = (
+        t.path().join("src"),
+        t.path().join("dest"),
+        t.path().join("cache"),
+    );
+    // Over 16 MiB: the sender reads it twice, to hash and to send, like a live mbox.
+    random_files(&src, "mbox", 1, 20 << 20);
+    write(&src, b"a", b"a");
+    sync_json(&src, &dest, &[], &cache);
+    let old = fs::read(dest.join("mbox000")).unwrap();
+    write(&src, b"z-new", b"arrives");
+    // A writer rewrites the file in place, as a mail server appending to an mbox would,
+    // for as long as the sync runs.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, path) = (stop.clone(), src.join("mbox000"));
+        std::thread::spawn(move || {
+            use std::os::unix::fs::FileExt;
+            let f = fs::OpenOptions::new().write(true).open(path).unwrap();
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                f.write_all_at(&n.to_le_bytes(), 0).unwrap();
+                f.write_all_at(&n.to_le_bytes(), (20 << 20) - 8).unwrap();
+            }
+        })
+    };
+    let args = sync_args(&[OsStr::new("--json")], &src, &dest);
+    let a: Vec<&OsStr> = args.iter().map(|x| x.as_os_str()).collect();
+    let out = relaymove(&a, &cache);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{msg}");
+    assert!(msg.contains("left behind"), "{msg}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let skipped = report["skipped"].as_array().unwrap();
+    assert_eq!(skipped.len(), 1, "{report}");
+    assert_eq!(skipped[0]["path"], "mbox000");
+    assert!(
+        skipped[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("changed on the source during the sync"),
+        "{report}"
+    );
+    assert!(report["warnings"][0]
+        .as_str()
+        .unwrap()
+        .contains("left behind"));
+    assert_eq!(
+        fs::read(dest.join("mbox000")).unwrap(),
+        old,
+        "DEST's old version"
+    );
+    assert_eq!(fs::read(dest.join("z-new")).unwrap(), b"arrives");
+}
+
+#[test]
+fn a_second_sync_into_the_same_dest_is_refused_naming_the_first_and_the_first_completes() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dest, cache) = (
+        t.path().join("src"),
+        t.path().join("dest"),
+        t.path().join("cache"),
+    );
+    random_files(&src, "m", 3, 8 << 20);
+    // zstd's slowest level keeps the first sync busy for seconds.
+    let first = std::process::Command::new(common::bin())
+        .args(sync_args(
+            &[OsStr::new("--compress-level"), OsStr::new("19")],
+            &src,
+            &dest,
+        ))
+        .env("RELAYMOVE_CACHE_DIR", &cache)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The receiver creates DEST after it took the lock.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !dest.exists() {
+        assert!(std::time::Instant::now() < deadline, "DEST never appeared");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let (code, msg) = run_sync(&sync_args(&[], &src, &dest), &cache);
+    assert_eq!(code, Some(1), "{msg}");
+    assert!(
+        msg.contains(&format!(
+            "DEST {} is in use by another relaymove (agent pid ",
+            dest.display()
+        )),
+        "{msg}"
+    );
+    // The pid named is the first sync's receiving agent, a child of the first sync.
+    let pid: String = msg
+        .split("agent pid ")
+        .nth(1)
+        .unwrap_or_default()
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    assert!(
+        status.contains(&format!("PPid:\t{}\n", first.id())),
+        "pid {pid} is not an agent of the first sync: {msg}"
+    );
+    let first_out = first.wait_with_output().unwrap();
+    assert!(
+        first_out.status.success(),
+        "the first sync failed: {}",
+        String::from_utf8_lossy(&first_out.stderr)
+    );
+    assert_mirror(&src, &dest);
+}
+
+#[test]
+fn a_dest_not_created_yet_inside_src_is_refused_as_an_overlap() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, cache) = (t.path().join("src"), t.path().join("cache"));
+    write(&src, b"a", b"1");
+    symlink(&src, t.path().join("via-link")).unwrap();
+    for dest in [
+        src.join("sub"),
+        src.join("deeper/sub"),
+        t.path().join("via-link/sub"),
+    ] {
+        let (code, msg) = run_sync(&sync_args(&[], &src, &dest), &cache);
+        assert_eq!(code, Some(2), "{}: {msg}", dest.display());
+        assert!(
+            msg.contains("overlap; SRC and DEST must be separate trees"),
+            "{msg}"
+        );
+    }
+    assert_eq!(fs::read_dir(&src).unwrap().count(), 1, "SRC was written to");
+}
+
+/// The children of `parent` with an open file under `dir` (the agent working there).
+fn agents_in(parent: u32, dir: &Path) -> Vec<i32> {
+    let mut found = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let status = fs::read_to_string(e.path().join("status")).unwrap_or_default();
+        if !status.contains(&format!("PPid:\t{parent}\n")) {
+            continue;
+        }
+        let fds = fs::read_dir(e.path().join("fd"))
+            .into_iter()
+            .flatten()
+            .flatten();
+        if fds
+            .filter_map(|fd| fs::read_link(fd.path()).ok())
+            .any(|target| target.starts_with(dir))
+        {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+#[test]
+fn a_stopped_agent_fails_the_sync_after_the_timeout_naming_host_and_phase() {
+    use std::time::{Duration, Instant};
+    let signal = |pid: i32, sig: i32| {
+        // SAFETY: kill(2) with a pid this test found among its own grandchildren.
+        unsafe { libc::kill(pid, sig) }
+    };
+    let t = tempfile::tempdir().unwrap();
+    let (src, dest, cache) = (
+        t.path().join("src"),
+        t.path().join("dest"),
+        t.path().join("cache"),
+    );
+    // Far more than the pipes and the relay buffer hold, so the stream backs up.
+    random_files(&src, "m", 8, 8 << 20);
+    let args = sync_args(&[OsStr::new("--timeout"), OsStr::new("2")], &src, &dest);
+    let sync = std::process::Command::new(common::bin())
+        .args(args)
+        .env("RELAYMOVE_CACHE_DIR", &cache)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Stop the receiver as soon as it starts receiving (it holds DEST open).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let receiver = loop {
+        if dest.exists() {
+            if let [pid] = agents_in(sync.id(), &dest)[..] {
+                break pid;
+            }
+        }
+        assert!(Instant::now() < deadline, "the receiver never started");
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    assert_eq!(signal(receiver, libc::SIGSTOP), 0);
+    let stopped = Instant::now();
+    let out = sync.wait_with_output().unwrap();
+    let waited = stopped.elapsed();
+    // Never leave a stopped process behind, whatever the sync did.
+    signal(receiver, libc::SIGKILL);
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{msg}");
+    assert!(
+        msg.contains("the agent on this host made no progress for 2 s while receiving the stream"),
+        "{msg}"
+    );
+    assert!(msg.contains("raise --timeout"), "{msg}");
+    assert!(waited < Duration::from_secs(15), "gave up after {waited:?}");
+}

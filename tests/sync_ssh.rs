@@ -219,6 +219,70 @@ fn a_changed_host_key_is_refused() {
     assert!(!dest.exists());
 }
 
+/// Runs a sync of a one-file SRC to `dest_spec` (given `dest` under `t`) and returns its
+/// exit code and stderr.
+fn failed_sync(sshd: &Sshd, t: &Path, dest_spec: &str) -> (Option<i32>, String) {
+    let src = t.join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), b"x").unwrap();
+    let out = sshd
+        .sync(src.to_str().unwrap(), dest_spec, &t.join("cache"))
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_refused_port_says_connection_refused_and_names_the_port_and_config() {
+    let Some(sshd) = sshd() else { return };
+    let t = tempfile::tempdir().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dest = t.path().join("dest");
+    let (code, msg) = failed_sync(
+        &sshd,
+        t.path(),
+        &format!("rmtest:{closed}:{}", dest.display()),
+    );
+    assert_eq!(code, Some(1), "{msg}");
+    let config = sshd.dir.path().join("ssh_config");
+    assert!(msg.contains("Connection refused"), "{msg}");
+    assert!(
+        msg.contains(&format!("port {closed}, ssh config {}", config.display())),
+        "{msg}"
+    );
+    assert!(msg.contains("is sshd running there"), "{msg}");
+    assert!(!dest.exists());
+}
+
+#[test]
+fn an_unknown_host_key_says_so_and_how_to_add_it_for_that_port() {
+    let Some(sshd) = sshd() else { return };
+    let t = tempfile::tempdir().unwrap();
+    let empty = t.path().join("known_hosts");
+    fs::write(&empty, b"").unwrap();
+    write_client_config(sshd.dir.path(), sshd.port, &empty);
+    let dest = t.path().join("dest");
+    let (code, msg) = failed_sync(&sshd, t.path(), &remote(&dest));
+    assert_eq!(code, Some(1), "{msg}");
+    assert!(msg.contains("Host key verification failed"), "{msg}");
+    assert!(
+        msg.contains(&format!(
+            "ssh-keyscan -p {} 127.0.0.1 >> {}",
+            sshd.port,
+            empty.display()
+        )),
+        "{msg}"
+    );
+    assert!(!dest.exists());
+}
+
 #[test]
 fn a_connection_killed_mid_stream_leaves_dest_consistent_and_a_rerun_finishes() {
     let Some(sshd) = sshd() else { return };
@@ -310,4 +374,101 @@ fn a_connection_killed_mid_stream_leaves_dest_consistent_and_a_rerun_finishes() 
     assert_eq!(r["verified"], true);
     assert_mirror(&src, &dest);
     let _: PathBuf = dest;
+}
+
+/// The `ssh -M` master of a connection to `port`: its pid and its full command line.
+fn master_for(port: u16) -> Option<(i32, Vec<String>)> {
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(raw) = fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = raw
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let port = port.to_string();
+        if args.first().is_some_and(|a| a == "ssh")
+            && args.iter().any(|a| a == "-M")
+            && args.windows(2).any(|w| w[0] == "-p" && w[1] == port)
+        {
+            return Some((pid, args));
+        }
+    }
+    None
+}
+
+#[test]
+fn sigterm_during_a_sync_closes_the_ssh_master_removes_temp_files_and_exits_130() {
+    let Some(sshd) = sshd() else { return };
+    let t = tempfile::tempdir().unwrap();
+    let (src, dest, cache) = (
+        t.path().join("src"),
+        t.path().join("dest"),
+        t.path().join("cache"),
+    );
+    common::maildir::generate(&src, 5, 6000);
+    // The port on the command line tells this test's master from other tests' masters.
+    let target = format!("rmtest:{}:{}", sshd.port, dest.display());
+    let child = sshd
+        .sync(src.to_str().unwrap(), &target, &cache)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (master, args) = loop {
+        let landed = walkdir::WalkDir::new(&dest)
+            .into_iter()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().is_file())
+            .count();
+        if landed > 200 {
+            if let Some(m) = master_for(sshd.port) {
+                break m;
+            }
+        }
+        assert!(Instant::now() < deadline, "nothing landed in DEST");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    // SAFETY: kill(2) on the sync this test started.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let out = child.wait_with_output().unwrap();
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{msg}");
+    assert!(msg.contains("interrupted (SIGTERM)"), "{msg}");
+    assert!(
+        msg.contains("run the same command again to continue"),
+        "{msg}"
+    );
+    let gone = Instant::now() + Duration::from_secs(5);
+    while Path::new(&format!("/proc/{master}")).exists() {
+        assert!(
+            Instant::now() < gone,
+            "ssh master {master} still runs: {args:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let config = args
+        .windows(2)
+        .find(|w| w[0] == "-F")
+        .map(|w| PathBuf::from(&w[1]))
+        .expect("the master's -F config");
+    assert!(!config.exists(), "{} was left behind", config.display());
+    for e in walkdir::WalkDir::new(&dest)
+        .into_iter()
+        .filter_map(|e| e.ok())
+    {
+        let name = e.file_name().to_string_lossy();
+        assert!(!name.starts_with(".relaymove-"), "{name} left in DEST");
+    }
+    // A rerun finishes.
+    let r = ok(sshd
+        .sync(src.to_str().unwrap(), &remote(&dest), &cache)
+        .output()
+        .unwrap());
+    assert_eq!(r["verified"], true);
+    assert_mirror(&src, &dest);
 }

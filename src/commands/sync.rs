@@ -5,7 +5,7 @@
 
 use crate::remote::agent::{Agent, Host, SshOptions};
 use crate::remote::endpoint::Endpoint;
-use crate::remote::mirror::{mirror, MirrorOptions, MirrorOutcome, Side};
+use crate::remote::mirror::{mirror, MirrorOptions, MirrorOutcome, Side, DEFAULT_TIMEOUT};
 use crate::sync::manifest::display_path;
 use crate::sync::plan::{Plan, ReuseMode};
 use anyhow::{anyhow, Context, Result};
@@ -13,12 +13,18 @@ use clap::Args;
 use serde::Serialize;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Make DEST an exact, verified mirror of SRC (like `rsync -aH --delete SRC/ DEST/`).
 ///
 /// Each endpoint is a local PATH or [user@]host[:port]:/PATH. Trailing slashes do not
 /// matter: the contents of SRC become the contents of DEST, which is created if missing.
+///
+/// Exit status: 0 DEST mirrors SRC; 1 failure (DEST keeps, for each path, its old or its
+/// new version); 2 usage error; 3 finished, but files that changed or vanished on SRC
+/// during the sync were left behind (DEST keeps their old versions; `-v` and `--json` list
+/// them; run the sync again); 130 interrupted by Ctrl-C or SIGTERM (the SSH sessions are
+/// closed; run the sync again to continue).
 #[derive(Args, Debug)]
 pub struct SyncCmd {
     /// Source: PATH or [user@]host[:port]:/PATH
@@ -59,6 +65,11 @@ pub struct SyncCmd {
     /// Also write the transfer stream to FILE (zstd-compressed tar: `zstd -dc FILE | tar tv`).
     #[arg(long, value_name = "FILE")]
     pub tee_stream: Option<PathBuf>,
+    /// Fail when an agent sends nothing for SECONDS in any phase (a hung disk, a stopped
+    /// process, a dead connection); raise it for a scan or final disk sync that is slower.
+    #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_TIMEOUT.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: u64,
     /// ssh_config file to use instead of ~/.ssh/config.
     #[arg(long, env = "RELAYMOVE_SSH_CONFIG", value_name = "FILE")]
     pub ssh_config: Option<PathBuf>,
@@ -100,7 +111,7 @@ pub fn run(cmd: SyncCmd) -> Result<i32> {
         return usage("--quiet and --verbose contradict each other");
     }
     if let (Endpoint::Local(a), Endpoint::Local(b)) = (&src, &dest) {
-        if let (Ok(a), Ok(b)) = (a.canonicalize(), b.canonicalize()) {
+        if let (Some(a), Some(b)) = (resolved(a), resolved(b)) {
             if b.starts_with(&a) || a.starts_with(&b) {
                 return usage(&format!(
                     "{} and {} overlap; SRC and DEST must be separate trees",
@@ -116,6 +127,24 @@ pub fn run(cmd: SyncCmd) -> Result<i32> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(sync(cmd, src, dest))
+}
+
+/// `p` with symlinks and `..` resolved as far as it exists, the missing rest appended: a
+/// DEST not created yet is compared where it will be. None when that cannot be told (a
+/// missing part with `..` in it).
+fn resolved(p: &Path) -> Option<PathBuf> {
+    let mut existing = p;
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(c) = existing.canonicalize() {
+            return Some(rest.iter().rev().fold(c, |c, name| c.join(name)));
+        }
+        rest.push(existing.file_name()?);
+        existing = match existing.parent()? {
+            parent if parent.as_os_str().is_empty() => Path::new("."),
+            parent => parent,
+        };
+    }
 }
 
 fn usage(msg: &str) -> Result<i32> {
@@ -145,7 +174,14 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
     let ssh = SshOptions {
         config: cmd.ssh_config.clone(),
     };
-    let (src_conn, dest_conn) = tokio::join!(connect(&src_ep, &ssh), connect(&dest_ep, &ssh));
+    // From here on Ctrl-C and SIGTERM no longer end the process at once: the sync closes
+    // what it opened first.
+    let mut interrupt = Box::pin(interrupted());
+    let (src_conn, dest_conn) = tokio::select! {
+        conns = async { tokio::join!(connect(&src_ep, &ssh), connect(&dest_ep, &ssh)) } => conns,
+        // A master half started ends by itself (ControlPersist).
+        how = &mut interrupt => return Ok(stopped(how)),
+    };
     let (src, src_root) = src_conn?;
     let (dest, dest_root) = dest_conn?;
     let level = cmd.compress_level.unwrap_or(match (&src_ep, &dest_ep) {
@@ -154,8 +190,20 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
     });
 
     let connected = start.elapsed();
-    let (sa, da) = tokio::join!(Agent::start(&src), Agent::start(&dest));
-    let (mut src_agent, mut dest_agent) = (sa?, da?);
+    let (sa, da) = tokio::select! {
+        agents = async { tokio::join!(Agent::start(&src), Agent::start(&dest)) } => agents,
+        how = &mut interrupt => {
+            tokio::join!(src.close(), dest.close());
+            return Ok(stopped(how));
+        }
+    };
+    let (mut src_agent, mut dest_agent) = match (sa, da) {
+        (Ok(s), Ok(d)) => (s, d),
+        (Err(e), _) | (_, Err(e)) => {
+            tokio::join!(src.close(), dest.close());
+            return Err(e);
+        }
+    };
     let opts = MirrorOptions {
         delete: !cmd.no_delete,
         checksum: cmd.checksum,
@@ -165,29 +213,33 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
         level,
         tee_stream: cmd.tee_stream.clone(),
         progress: !cmd.quiet && !cmd.no_progress,
+        timeout: Duration::from_secs(cmd.timeout),
     };
-    let mirrored = mirror(
-        Side {
-            agent: &mut src_agent,
-            root: &src_root,
-        },
-        Side {
-            agent: &mut dest_agent,
-            root: &dest_root,
-        },
-        &opts,
-    )
-    .await;
+    let mirrored = tokio::select! {
+        mirrored = mirror(
+            Side {
+                agent: &mut src_agent,
+                root: &src_root,
+            },
+            Side {
+                agent: &mut dest_agent,
+                root: &dest_root,
+            },
+            &opts,
+        ) => mirrored,
+        how = &mut interrupt => {
+            // Their input closed, receivers remove their temporary files and end; an agent
+            // busy elsewhere (a long scan) is not waited for.
+            let closing = async { tokio::join!(src_agent.close(), dest_agent.close()) };
+            let _ = tokio::time::timeout(Duration::from_secs(10), closing).await;
+            tokio::join!(src.close(), dest.close());
+            return Ok(stopped(how));
+        }
+    };
     // Close both agents either way; an agent's own complaint (it crashed, say) is added to
     // the error.
     let (src_closed, dest_closed) = tokio::join!(src_agent.close(), dest_agent.close());
-    let MirrorOutcome {
-        src: src_m,
-        plan,
-        stats,
-        scanned,
-        planned,
-    } = match mirrored {
+    let outcome = match mirrored {
         Ok(p) => {
             src_closed?;
             dest_closed?;
@@ -200,9 +252,18 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
                     message.push_str(&format!("\n  also: {agent:#}"));
                 }
             }
+            tokio::join!(src.close(), dest.close());
             return Err(anyhow!(message));
         }
     };
+    let left_behind = outcome.left_behind().len();
+    let MirrorOutcome {
+        src: src_m,
+        plan,
+        stats,
+        scanned,
+        planned,
+    } = outcome;
     if (cmd.dry_run || cmd.verbose) && !cmd.json {
         print_plan(&plan)?;
     }
@@ -230,7 +291,7 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
         })
         .collect();
     skipped.sort_by(|a, b| a.path.cmp(&b.path));
-    let report = if cmd.dry_run {
+    let mut report = if cmd.dry_run {
         SyncReport {
             files_scanned: src_m.entries.len() as u64,
             files_sent: plan.stats.files_to_send,
@@ -261,6 +322,12 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
             warnings: stats.warnings.clone(),
         }
     };
+    if left_behind > 0 {
+        report.warnings.push(format!(
+            "{left_behind} files changed or vanished on the source during the sync and were left behind \
+             (DEST keeps their old versions; -v lists them); run the sync again to copy them"
+        ));
+    }
     if !cmd.quiet {
         for w in &report.warnings {
             eprintln!("relaymove: warning: {w}");
@@ -278,8 +345,41 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
     } else if !cmd.quiet {
         eprintln!("{}", summary(&report, &cmd.src, &cmd.dest));
     }
-    Ok(0)
+    Ok(if left_behind > 0 { LEFT_BEHIND } else { 0 })
 }
+
+/// Resolves at the first Ctrl-C or SIGTERM, naming it. Once polled, those signals no longer
+/// end the process by themselves.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => tokio::select! {
+            Ok(()) = tokio::signal::ctrl_c() => "Ctrl-C",
+            _ = term.recv() => "SIGTERM",
+        },
+        Err(_) => match tokio::signal::ctrl_c().await {
+            Ok(()) => "Ctrl-C",
+            // No handler could be installed: the default (ending at once) still holds.
+            Err(_) => std::future::pending().await,
+        },
+    }
+}
+
+/// Says how the interrupted sync left things; the exit status of a run ended by a signal.
+fn stopped(how: &str) -> i32 {
+    eprintln!(
+        "relaymove: interrupted ({how}): the sync stopped; DEST keeps, for each path, its old or its new version, \
+         and the SSH sessions are closed\nhint: run the same command again to continue; it sends only what is \
+         still missing"
+    );
+    INTERRUPTED
+}
+
+/// 128 + SIGINT, as shells report a command ended by Ctrl-C.
+const INTERRUPTED: i32 = 130;
+
+/// Exit status of a sync that finished but left files behind (see `SyncCmd`).
+const LEFT_BEHIND: i32 = 3;
 
 fn summary(r: &SyncReport, src: &str, dest: &str) -> String {
     let mb = |b: u64| b as f64 / 1e6;

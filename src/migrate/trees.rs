@@ -47,6 +47,7 @@ fn options(cx: &Cx, excludes: Vec<String>) -> MirrorOptions {
         level: 1,
         tee_stream: None,
         progress: cx.options.progress && !cx.out.json(),
+        ..MirrorOptions::default()
     }
 }
 

@@ -11,6 +11,7 @@
 
 use crate::remote::endpoint::{parse_ssh_target, RemotePath};
 use crate::remote::protocol::{Hello, PROTOCOL};
+use crate::remote::ssh::{connect_failure, Effective};
 use anyhow::{anyhow, bail, Context, Result};
 use openssh::{ControlPersist, KnownHosts, Session, SessionBuilder, Stdio};
 use sha2::{Digest as _, Sha256};
@@ -68,7 +69,8 @@ pub enum Host {
     },
 }
 
-fn ssh_config(opts: &SshOptions) -> Result<tempfile::NamedTempFile> {
+/// Writes the config relaymove gives ssh; also returns the user's config file it includes.
+fn ssh_config(opts: &SshOptions) -> Result<(tempfile::NamedTempFile, Option<PathBuf>)> {
     let mut file = tempfile::Builder::new()
         .prefix("relaymove-ssh")
         .tempfile()
@@ -93,7 +95,47 @@ fn ssh_config(opts: &SshOptions) -> Result<tempfile::NamedTempFile> {
         }
     }
     file.write_all(text.as_bytes())?;
-    Ok(file)
+    Ok((file, user_config))
+}
+
+/// Port, host name, user and known_hosts file as ssh resolves them for `remote` (`ssh -G`
+/// reads the config without connecting); what relaymove knew itself when that fails.
+async fn effective(remote: &RemotePath, config: &Path) -> Effective {
+    let fallback = Effective {
+        hostname: remote.host.clone(),
+        port: remote.port.unwrap_or(22),
+        user: remote.user.clone().unwrap_or_else(|| "root".into()),
+        known_hosts: None,
+    };
+    let mut cmd = tokio::process::Command::new("ssh");
+    cmd.arg("-G").arg("-F").arg(config);
+    if let Some(p) = remote.port {
+        cmd.arg("-p").arg(p.to_string());
+    }
+    if let Some(u) = &remote.user {
+        cmd.arg("-l").arg(u);
+    }
+    cmd.arg("--")
+        .arg(&remote.host)
+        .stdin(std::process::Stdio::null());
+    match tokio::time::timeout(Duration::from_secs(5), cmd.output()).await {
+        Ok(Ok(out)) if out.status.success() => {
+            Effective::parse(&String::from_utf8_lossy(&out.stdout), fallback)
+        }
+        _ => fallback,
+    }
+}
+
+/// ssh's own reason for a failed connection: the innermost error of the chain (the
+/// `openssh` crate keeps ssh's stderr there and says only "failed to connect" itself).
+fn ssh_reason(e: &openssh::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text = s.to_string();
+        source = s.source();
+    }
+    text
 }
 
 /// Starts the agent if this host has this exact version; else exits 97 (upload needed).
@@ -146,7 +188,7 @@ impl Host {
             Some(u) => format!("{u}@{}", remote.host),
             None => remote.host.clone(),
         };
-        let config = ssh_config(opts)?;
+        let (config, user_config) = ssh_config(opts)?;
         let mut builder = SessionBuilder::default();
         builder
             .known_hosts_check(KnownHosts::Strict)
@@ -163,12 +205,18 @@ impl Host {
         if let Some(p) = remote.port {
             builder.port(p);
         }
-        let session = builder.connect_mux(&remote.host).await.map_err(|e| {
-            anyhow!(
-                "cannot connect to {label} over SSH: {e}\nhint: check that `ssh {label}` works without a prompt \
-                 (key in ssh-agent or IdentityFile, host key in known_hosts: relaymove checks host keys strictly)"
-            )
-        })?;
+        let session = match builder.connect_mux(&remote.host).await {
+            Ok(s) => s,
+            Err(e) => {
+                let used = effective(remote, config.path()).await;
+                bail!(connect_failure(
+                    &label,
+                    &ssh_reason(&e),
+                    &used,
+                    user_config.as_ref()
+                ));
+            }
+        };
         let exe = std::env::current_exe().context("finding this program's path")?;
         let bytes = tokio::fs::read(&exe)
             .await
@@ -188,6 +236,10 @@ impl Host {
             Host::Local { exe } => {
                 let mut child = tokio::process::Command::new(exe)
                     .args(["agent", "serve"])
+                    // Out of the terminal's process group: Ctrl-C reaches the controller
+                    // only, which closes the agent's input; a receiver then removes its
+                    // temporary files before it ends.
+                    .process_group(0)
                     .stdin(std::process::Stdio::piped())
                     .stdout(std::process::Stdio::piped())
                     .stderr(std::process::Stdio::piped())
@@ -477,6 +529,8 @@ pub struct Agent {
     pub input: Option<Pin<Box<dyn AsyncWrite + Send>>>,
     pub output: Pin<Box<dyn AsyncRead + Send>>,
     process: AgentProcess,
+    /// Stopped by `abort`: how it ends is not news.
+    aborted: bool,
 }
 
 impl Agent {
@@ -493,6 +547,7 @@ impl Agent {
                         input,
                         output,
                         process,
+                        aborted: false,
                     });
                 }
                 Ok(hello) => bail!(
@@ -552,8 +607,22 @@ impl Agent {
         reply.map_err(|msg| anyhow!("{msg}"))
     }
 
+    /// Abandons the request in progress (a failure elsewhere made it pointless): both pipes
+    /// are closed, so an agent writing a stream gets EPIPE and ends instead of producing
+    /// the rest of it. No further request can be sent.
+    pub fn abort(&mut self) {
+        self.aborted = true;
+        self.input = None;
+        self.output = Box::pin(tokio::io::empty());
+    }
+
     /// Closes the agent's input and waits for it to exit; a failure carries its stderr.
+    /// An aborted agent is not waited for (a local one is killed when dropped; a remote one
+    /// ends with its SSH channel).
     pub async fn close(mut self) -> Result<()> {
+        if self.aborted {
+            return Ok(());
+        }
         drop(self.input.take());
         // An agent stuck writing an answer nobody reads (after a failure elsewhere) gets
         // EPIPE and exits instead of waiting forever.

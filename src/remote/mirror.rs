@@ -9,10 +9,10 @@
 
 use crate::remote::agent::Agent;
 use crate::remote::protocol::{
-    read_chunk_async, read_frame_async, Hashes, ReceiveEvent, Reply, Request, CHUNK,
+    read_chunk_async, read_frame_async, Hashes, ReceiveEvent, Reply, Request, Space, CHUNK,
 };
 use crate::report::progress::Progress;
-use crate::sync::manifest::{Digest, Manifest};
+use crate::sync::manifest::{Digest, Manifest, Skipped};
 use crate::sync::plan::{self, Plan, PlanOptions};
 use crate::sync::receive::ReceiveStats;
 use anyhow::{anyhow, bail, Context, Result};
@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 
 /// What to mirror and how.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct MirrorOptions {
     /// Delete what DEST has and SRC has not.
     pub delete: bool,
@@ -43,6 +43,29 @@ pub struct MirrorOptions {
     pub tee_stream: Option<PathBuf>,
     /// Show a progress bar or lines on stderr while the stream flows.
     pub progress: bool,
+    /// An agent that sends nothing for this long, in any phase, fails the mirror (a hung
+    /// disk, a stopped process or a dead connection would otherwise wait forever).
+    pub timeout: Duration,
+}
+
+/// `MirrorOptions::timeout` unless set: long enough for a scan of a big tree or the final
+/// `syncfs` of a slow disk, which send nothing while they run.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+
+impl Default for MirrorOptions {
+    fn default() -> MirrorOptions {
+        MirrorOptions {
+            delete: false,
+            checksum: false,
+            excludes: Vec::new(),
+            allow_empty_source: false,
+            dry_run: false,
+            level: 0,
+            tee_stream: None,
+            progress: false,
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
 }
 
 /// What a mirror found and did.
@@ -56,6 +79,13 @@ pub struct MirrorOutcome {
 }
 
 impl MirrorOutcome {
+    /// Files SRC has but DEST did not get in this run: they vanished or changed on the
+    /// source while it was read (a live tree). DEST keeps its old version; the next run
+    /// copies them.
+    pub fn left_behind(&self) -> &[Skipped] {
+        &self.stats.vanished
+    }
+
     /// True when every file written was checked against the sender's SHA-256.
     pub fn verified(&self) -> bool {
         self.plan.is_empty() || self.stats.verified
@@ -84,6 +114,16 @@ pub async fn scan_both(
     checksum: bool,
     excludes: &[String],
 ) -> Result<(Manifest, Manifest)> {
+    scan_both_within(src, dest, checksum, excludes, None).await
+}
+
+async fn scan_both_within(
+    src: &mut Side<'_>,
+    dest: &mut Side<'_>,
+    checksum: bool,
+    excludes: &[String],
+    limit: Option<Duration>,
+) -> Result<(Manifest, Manifest)> {
     let scan = |root: &Path| Request::Scan {
         root: root_bytes(root),
         checksum,
@@ -91,14 +131,50 @@ pub async fn scan_both(
     };
     let (src_scan, dest_scan) = (scan(src.root), scan(dest.root));
     let (src_what, dest_what) = (describe(src), describe(dest));
+    let (src_phase, dest_phase) = (
+        format!("scanning {src_what}"),
+        format!("scanning {dest_what}"),
+    );
     let (s, d) = tokio::join!(
-        src.agent.call::<Manifest>(&src_scan),
-        dest.agent.call::<Manifest>(&dest_scan)
+        call_within::<Manifest>(src.agent, &src_scan, limit, &src_phase),
+        call_within::<Manifest>(dest.agent, &dest_scan, limit, &dest_phase)
     );
     Ok((
         s.with_context(|| format!("scanning {src_what}"))?,
         d.with_context(|| format!("scanning {dest_what}"))?,
     ))
+}
+
+/// `agent.call`, failing when the agent answers nothing for `limit`; the agent is then
+/// abandoned (its session can no longer be trusted to be in step).
+async fn call_within<T: serde::de::DeserializeOwned>(
+    agent: &mut Agent,
+    request: &Request,
+    limit: Option<Duration>,
+    phase: &str,
+) -> Result<T> {
+    let Some(limit) = limit else {
+        return agent.call(request).await;
+    };
+    match tokio::time::timeout(limit, agent.call::<T>(request)).await {
+        Ok(answer) => answer,
+        Err(_) => {
+            let e = silent(agent.label(), phase, limit);
+            agent.abort();
+            Err(e)
+        }
+    }
+}
+
+/// The error for an agent that went silent.
+fn silent(host: &str, phase: &str, limit: Duration) -> anyhow::Error {
+    anyhow!(
+        "the agent on {host} made no progress for {} s while {phase}: it is stuck (a hung disk or mount, a \
+         stopped process) or its connection is dead; if that phase is legitimately this slow there, raise \
+         --timeout (now {} s)",
+        limit.as_secs(),
+        limit.as_secs()
+    )
 }
 
 /// Makes `dest` a mirror of `src`.
@@ -109,8 +185,18 @@ pub async fn mirror(
 ) -> Result<MirrorOutcome> {
     let start = Instant::now();
     let (src_what, dest_what) = (describe(&src), describe(&dest));
+    // Before the scan: a second sync into this DEST is refused before it plans anything.
+    let limit = Some(opts.timeout);
+    if !opts.dry_run {
+        let lock = Request::LockTree {
+            root: root_bytes(dest.root),
+        };
+        call_within::<()>(dest.agent, &lock, limit, &format!("locking {dest_what}"))
+            .await
+            .with_context(|| format!("locking {dest_what}"))?;
+    }
     let (mut src_m, mut dest_m) =
-        scan_both(&mut src, &mut dest, opts.checksum, &opts.excludes).await?;
+        scan_both_within(&mut src, &mut dest, opts.checksum, &opts.excludes, limit).await?;
     if !src_m.root_exists && !opts.allow_empty_source {
         bail!(
             "SRC {} does not exist on {}; nothing was changed\nhint: check the path; pass --allow-empty-source to empty DEST",
@@ -131,9 +217,13 @@ pub async fn mirror(
             paths,
         };
         let (src_hash, dest_hash) = (hash(src.root, request.src), hash(dest.root, request.dest));
+        let (src_phase, dest_phase) = (
+            format!("hashing rename candidates in {src_what}"),
+            format!("hashing rename candidates in {dest_what}"),
+        );
         let (hs, hd) = tokio::join!(
-            src.agent.call::<Hashes>(&src_hash),
-            dest.agent.call::<Hashes>(&dest_hash)
+            call_within::<Hashes>(src.agent, &src_hash, limit, &src_phase),
+            call_within::<Hashes>(dest.agent, &dest_hash, limit, &dest_phase)
         );
         fill_hashes(&mut src_m, hs?);
         fill_hashes(&mut dest_m, hd?);
@@ -144,6 +234,14 @@ pub async fn mirror(
     let stats = if opts.dry_run || plan.is_empty() {
         ReceiveStats::default()
     } else {
+        let request = Request::Space {
+            root: root_bytes(dest.root),
+        };
+        let phase = format!("checking the free space of {dest_what}");
+        let space = call_within::<Space>(dest.agent, &request, limit, &phase)
+            .await
+            .with_context(|| phase.clone())?;
+        check_space(&needed(&plan, &dest_m, space.block), &space, &dest_what)?;
         let tee = match &opts.tee_stream {
             Some(path) => Some(create_tee(path)?),
             None => None,
@@ -153,12 +251,16 @@ pub async fn mirror(
             plan.stats.files_to_send,
             plan.stats.bytes_to_send,
         );
-        let result = transfer(src, dest, &plan, opts.level, tee, &mut progress).await;
+        let result = transfer(src, dest, &plan, opts, tee, &mut progress).await;
         progress.finish();
         result.map_err(|e| {
+            let errno = e
+                .chain()
+                .find_map(|c| c.downcast_ref::<ReceiverFailed>())
+                .and_then(|f| f.errno);
             anyhow!(
-                "sync {src_what} → {dest_what} failed: {e:#}\nhint: every path in DEST holds its old or its new \
-                 version, never a partial file; run the same command again to finish"
+                "sync {src_what} → {dest_what} failed: {e:#}\nhint: {}",
+                failure_hint(errno, &dest_what)
             )
         })?
     };
@@ -169,6 +271,110 @@ pub async fn mirror(
         scanned,
         planned,
     })
+}
+
+/// What the receiver needs on DEST's file system at most: the files it is sent (each a
+/// whole number of blocks) and the directories it creates, less what the plan's deletes,
+/// which run first, free.
+#[derive(Debug, PartialEq, Eq)]
+struct Needed {
+    bytes: u64,
+    inodes: u64,
+}
+
+fn needed(plan: &Plan, dest: &Manifest, block: u64) -> Needed {
+    let blocks = |size: u64| size.div_ceil(block.max(1)).saturating_mul(block.max(1));
+    let mut need = Needed {
+        bytes: 0,
+        inodes: 0,
+    };
+    for item in plan.send.iter().filter(|i| i.link_to.is_none()) {
+        need.bytes = need.bytes.saturating_add(blocks(item.size));
+        need.inodes += 1;
+    }
+    need.bytes = need
+        .bytes
+        .saturating_add(plan.mkdir.len() as u64 * blocks(1));
+    need.inodes += plan.mkdir.len() as u64;
+    // Only an inode's last name frees it.
+    let deleted: std::collections::HashSet<&[u8]> =
+        plan.delete.iter().map(|p| p.as_slice()).collect();
+    let under_deleted = |path: &[u8]| {
+        let mut p = path;
+        loop {
+            if deleted.contains(p) {
+                return true;
+            }
+            match p.iter().rposition(|&b| b == b'/') {
+                Some(i) => p = &p[..i],
+                None => return false,
+            }
+        }
+    };
+    let (mut freed_bytes, mut freed_inodes) = (0u64, 0u64);
+    for e in dest.entries.iter().filter(|e| !e.path.is_empty()) {
+        if e.nlink <= 1 && under_deleted(&e.path) {
+            freed_inodes += 1;
+            if e.kind == crate::sync::manifest::Kind::File {
+                freed_bytes = freed_bytes.saturating_add(blocks(e.size));
+            }
+        }
+    }
+    Needed {
+        bytes: need.bytes.saturating_sub(freed_bytes),
+        inodes: need.inodes.saturating_sub(freed_inodes),
+    }
+}
+
+/// Refuses, before anything is written, a transfer that cannot fit.
+fn check_space(need: &Needed, space: &Space, dest_what: &str) -> Result<()> {
+    let mb = |b: u64| format!("{:.1} MB", b as f64 / 1e6);
+    if need.bytes > space.bytes_free {
+        bail!(
+            "not enough space for DEST: need {}, {} free on {dest_what}; nothing was changed\nhint: make room on that \
+             file system (or grow it), or sync into a larger one",
+            mb(need.bytes),
+            mb(space.bytes_free)
+        );
+    }
+    if need.inodes > space.inodes_free {
+        bail!(
+            "not enough inodes for DEST: need {} files and directories, {} free on {dest_what}; nothing was \
+             changed\nhint: remove files from that file system, or sync into one with more inodes",
+            need.inodes,
+            space.inodes_free
+        );
+    }
+    Ok(())
+}
+
+/// The receiver's failure, with the OS error behind it: the hint depends on it.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+struct ReceiverFailed {
+    message: String,
+    errno: Option<i32>,
+}
+
+/// The next step after a failed transfer. A full, read-only or forbidden DEST fails the
+/// same way on a rerun, so only a broken stream gets "run it again".
+fn failure_hint(errno: Option<i32>, dest_what: &str) -> String {
+    const KEPT: &str = "every path in DEST holds its old or its new version, never a partial file";
+    match errno {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => format!(
+            "the file system of the file named above, in {dest_what}, is full (or its quota is used up): make room \
+             or grow it, then sync again; a rerun before that fails the same way ({KEPT})"
+        ),
+        Some(libc::EROFS) => format!(
+            "{dest_what} is on a read-only file system: remount it read-write (or pick another DEST), then sync \
+             again ({KEPT})"
+        ),
+        Some(libc::EACCES) | Some(libc::EPERM) => format!(
+            "the agent may not write in {dest_what}: connect as root (root@host:/path) or give its user write \
+             access, then sync again ({KEPT})"
+        ),
+        _ => format!("{KEPT}; run the same command again to finish"),
+    }
 }
 
 /// The tee file holds every byte sent, secrets included: owner-only from its creation, never
@@ -206,10 +412,11 @@ async fn transfer(
     from: Side<'_>,
     to: Side<'_>,
     plan: &Plan,
-    level: i32,
+    opts: &MirrorOptions,
     mut tee: Option<tokio::fs::File>,
     progress: &mut Progress,
 ) -> Result<ReceiveStats> {
+    let level = opts.level;
     let (sender, receiver) = (from.agent, to.agent);
     let (sender_label, receiver_label) = (sender.label().to_string(), receiver.label().to_string());
     receiver
@@ -228,13 +435,24 @@ async fn transfer(
     let receiver_input = &mut receiver.input;
     let receiver_output = &mut receiver.output;
     let sender_output = &mut sender.output;
+    // What the transfer waits for and since when, for the watchdog: every chunk and frame
+    // that passes is activity.
+    let waiting =
+        std::sync::Mutex::new((Instant::now(), sender_label.clone(), "sending the stream"));
+    let wait_for = |host: &str, phase: &'static str| {
+        let mut w = waiting.lock().unwrap_or_else(|e| e.into_inner());
+        *w = (Instant::now(), host.to_string(), phase);
+    };
+    let active = || waiting.lock().unwrap_or_else(|e| e.into_inner()).0 = Instant::now();
     let relay = async {
         let mut buf = Vec::with_capacity(CHUNK);
         let relayed: Result<()> = async {
             loop {
+                wait_for(&sender_label, "sending the stream");
                 let more = read_chunk_async(sender_output, &mut buf)
                     .await
                     .with_context(|| format!("reading the stream from {sender_label}"))?;
+                wait_for(&receiver_label, "receiving the stream");
                 let input = receiver_input
                     .as_mut()
                     .ok_or_else(|| anyhow!("bug: receiver input closed"))?;
@@ -257,9 +475,11 @@ async fn transfer(
             if let Some(file) = tee.as_mut() {
                 file.flush().await.context("writing --tee-stream")?;
             }
+            wait_for(&sender_label, "finishing the stream");
             let sent: Reply<()> = read_frame_async(sender_output)
                 .await
                 .with_context(|| format!("reading the sender's result from {sender_label}"))?;
+            wait_for(&receiver_label, "finishing DEST (links, metadata, syncfs)");
             sent.map_err(|msg| anyhow!("{msg}"))
                 .with_context(|| format!("sending from {sender_label}"))
         }
@@ -274,22 +494,142 @@ async fn transfer(
     let watch = async {
         loop {
             match read_frame_async::<ReceiveEvent>(receiver_output).await {
-                Ok(ReceiveEvent::Progress(p)) => progress.update(&p, total_files),
+                Ok(ReceiveEvent::Progress(p)) => {
+                    active();
+                    progress.update(&p, total_files)
+                }
                 Ok(ReceiveEvent::Done(stats)) => return Ok(stats),
-                Ok(ReceiveEvent::Failed(message)) => return Err(anyhow!("{message}")),
+                Ok(ReceiveEvent::Failed { message, errno }) => {
+                    return Err(anyhow::Error::new(ReceiverFailed { message, errno }))
+                }
                 Err(e) => return Err(e.context(format!("lost the connection to {receiver_label}"))),
             }
         }
     };
-    let (relayed, received) = tokio::join!(relay, watch);
+    let limit = opts.timeout;
+    let watchdog = async {
+        let tick = (limit / 4).min(Duration::from_secs(1));
+        loop {
+            tokio::time::sleep(tick).await;
+            let (since, host, phase) = waiting.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if since.elapsed() >= limit {
+                return silent(&host, phase, limit);
+            }
+        }
+    };
+    // The receiver's verdict ends the transfer: after a failure nothing more is relayed.
+    let mut relay = Box::pin(relay);
+    let mut watch = Box::pin(watch);
+    let mut watchdog = Box::pin(watchdog);
+    let mut relayed = None;
+    let received = loop {
+        tokio::select! {
+            r = &mut relay, if relayed.is_none() => relayed = Some(r),
+            w = &mut watch => break w,
+            e = &mut watchdog => {
+                drop((relay, watch));
+                // Whichever agent went silent, neither is in step any more.
+                sender.abort();
+                receiver.abort();
+                return Err(e);
+            }
+        }
+    };
+    drop(watch);
+    let receiving_into = || format!("receiving into {} on {receiver_label}", to.root.display());
+    let (relayed, received) = match (relayed, received) {
+        (Some(r), received) => (r, received),
+        // The sender's result is all that is left to read.
+        (None, Ok(stats)) => match tokio::time::timeout(limit, relay).await {
+            Ok(r) => (r, Ok(stats)),
+            Err(_) => {
+                sender.abort();
+                return Err(silent(&sender_label, "finishing the stream", limit));
+            }
+        },
+        (None, Err(e)) => {
+            // The sender is mid-stream and the receiver has given up: stop both instead of
+            // producing and skipping the rest.
+            drop(relay);
+            sender.abort();
+            receiver.input = None;
+            return Err(e.context(receiving_into()));
+        }
+    };
     match (relayed, received) {
         (Ok(()), Ok(stats)) => Ok(stats),
         // The sender's failure is the cause; the receiver's message says what DEST holds.
         (Err(cause), Err(dest_state)) => Err(cause.context(format!("{dest_state:#}"))),
         (Err(cause), Ok(_)) => Err(cause),
-        (Ok(()), Err(e)) => Err(e.context(format!(
-            "receiving into {} on {receiver_label}",
-            to.root.display()
-        ))),
+        (Ok(()), Err(e)) => Err(e.context(receiving_into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync::manifest::{Entry, Kind, Meta};
+    use crate::sync::plan::SendItem;
+
+    fn entry(path: &[u8], kind: Kind, size: u64, nlink: u64) -> Entry {
+        Entry {
+            path: path.to_vec(),
+            kind,
+            size,
+            meta: Meta {
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+                user: None,
+                group: None,
+                mtime: 0,
+                mtime_nsec: 0,
+            },
+            dev: 1,
+            ino: 1,
+            nlink,
+            target: None,
+            hash: None,
+        }
+    }
+
+    #[test]
+    fn space_needed_counts_whole_blocks_and_credits_what_deletes_free() {
+        let send = |path: &[u8], size, link_to: Option<&[u8]>| SendItem {
+            path: path.to_vec(),
+            kind: Kind::File,
+            link_to: link_to.map(|l| l.to_vec()),
+            size,
+        };
+        let plan = Plan {
+            send: vec![
+                send(b"n/a", 1, None),
+                send(b"n/b", 5000, None),
+                send(b"n/c", 5000, Some(b"n/b")),
+            ],
+            mkdir: vec![b"n".to_vec()],
+            delete: vec![b"old".to_vec()],
+            ..Plan::default()
+        };
+        let dest = Manifest {
+            entries: vec![
+                entry(b"", Kind::Dir, 0, 1),
+                entry(b"old", Kind::Dir, 0, 1),
+                entry(b"old/x", Kind::File, 4096, 1),
+                // Another name keeps this inode alive.
+                entry(b"old/y", Kind::File, 8192, 2),
+                entry(b"keep", Kind::File, 4096, 1),
+            ],
+            ..Manifest::default()
+        };
+        assert_eq!(
+            needed(&plan, &dest, 4096),
+            Needed {
+                // a: one block, b: two, the directory one; old/x frees one.
+                bytes: 3 * 4096,
+                // a, b and n; old and old/x are freed.
+                inodes: 1,
+            }
+        );
     }
 }

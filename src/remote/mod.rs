@@ -5,3 +5,4 @@ pub mod agent;
 pub mod endpoint;
 pub mod mirror;
 pub mod protocol;
+pub mod ssh;

@@ -6,8 +6,11 @@
 //! - `Scan`, `Hash`: answered with one frame, `Reply<Manifest>` or `Reply<Vec<(path, hash)>>`.
 //! - `Send`: answered with the transfer stream (a zstd-compressed tar) cut into chunks, then
 //!   a `Reply<()>` frame saying whether the sender finished.
+//! - `Space`: answered with `Reply<Space>`, the free space where a root is (or would be).
 //! - `Receive`: followed on stdin by the stream's chunks; answered with [`ReceiveEvent`]
-//!   frames, progress then `Done` or `Failed`.
+//!   frames, progress then `Done` or `Failed`. `Failed` is sent as soon as the receiver
+//!   fails; the controller then may close the agent's input instead of finishing the
+//!   stream, and the agent ends.
 //!
 //! A frame is an 8-byte little-endian length and a zstd-compressed postcard body: compact,
 //! and raw byte paths travel as they are. A chunk is a 4-byte little-endian length and that
@@ -37,7 +40,7 @@ const MAX_FRAME: u64 = MAX_DECODED / 2;
 pub const CHUNK: usize = 1 << 20;
 
 /// Changes whenever a message changes shape; the agent's file name pins the exact build.
-pub const PROTOCOL: u32 = 2;
+pub const PROTOCOL: u32 = 3;
 
 /// The agent's first frame: proof it started and speaks this protocol.
 #[derive(Serialize, Deserialize, Debug)]
@@ -65,6 +68,15 @@ pub enum Request {
         root: Vec<u8>,
         plan: Plan,
     },
+    /// Free space of the file system that holds `root` (or its nearest existing ancestor).
+    Space {
+        root: Vec<u8>,
+    },
+    /// Lock the tree at `root` for this agent's session (a file per tree under /run);
+    /// answered with `Reply<()>`, an error naming the holder's pid when another has it.
+    LockTree {
+        root: Vec<u8>,
+    },
     /// Take an exclusive lock on a file of the host and hold it while the agent runs;
     /// answered with `Reply<()>`, an error naming the holder when another process has it.
     Lock {
@@ -77,11 +89,26 @@ pub type Reply<T> = Result<T, String>;
 
 pub type Hashes = Vec<(Vec<u8>, Option<Digest>)>;
 
+/// What the agent's user may still use on a file system (`statvfs`).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy)]
+pub struct Space {
+    pub bytes_free: u64,
+    /// `u64::MAX` where the file system has no inode limit (btrfs reports none).
+    pub inodes_free: u64,
+    /// Allocation unit: every file takes a whole number of these.
+    pub block: u64,
+}
+
 #[derive(Serialize, Deserialize, Debug)]
 pub enum ReceiveEvent {
     Progress(ReceiveProgress),
     Done(ReceiveStats),
-    Failed(String),
+    /// The error chain as text, and the OS error number behind it, if any: the controller
+    /// tells a full or read-only DEST (a rerun fails the same way) from a broken stream.
+    Failed {
+        message: String,
+        errno: Option<i32>,
+    },
 }
 
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
