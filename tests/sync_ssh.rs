@@ -312,10 +312,11 @@ fn a_connection_killed_mid_stream_leaves_dest_consistent_and_a_rerun_finishes() 
             break;
         }
         assert!(Instant::now() < deadline, "nothing landed in DEST");
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the sync finished before it could be interrupted"
-        );
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut said = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut said).unwrap();
+            panic!("the sync ended ({status}) before it could be interrupted: {said}");
+        }
         std::thread::sleep(Duration::from_millis(5));
     }
     run(Command::new("pkill").args(["-KILL", "-P", &sshd.child.id().to_string()]));
