@@ -1,0 +1,300 @@
+//! The agent: the code that runs on each host (`relaymove agent serve`), started by the
+//! controller (locally as a child process, remotely over SSH). It answers the requests of
+//! `remote/protocol.rs` on stdin and stdout until stdin closes. Only this process touches the
+//! host's file system; the controller never does.
+
+use crate::remote::protocol::{
+    read_frame_opt, write_frame, ChunkReader, ChunkWriter, Hashes, Hello, ReceiveEvent, Reply,
+    Request, Space, PROTOCOL,
+};
+use crate::sync::beneath::{validate, Tree};
+use crate::sync::hash_cache::{hex, HashCache};
+use crate::sync::manifest::Manifest;
+use crate::sync::plan::{Plan, SendItem};
+use crate::sync::receive::{Durability, Receiver};
+use crate::sync::scan::{hash_path, scan, ScanOptions};
+use crate::sync::send::{send, SendOptions};
+use anyhow::{bail, Context, Result};
+use nix::fcntl::{Flock, FlockArg};
+use sha2::Digest as _;
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
+use std::io::{self, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+/// Answers requests on stdin until it closes; returns the exit code.
+pub fn serve() -> Result<i32> {
+    // stdin is not locked for the whole run: the receiver reads it from its decompression
+    // thread.
+    let mut input = io::stdin();
+    let stdout = io::stdout();
+    write_frame(&mut stdout.lock(), &Hello { protocol: PROTOCOL })?;
+    let mut held = Held::default();
+    while let Some(request) = read_frame_opt::<Request>(&mut input)? {
+        let mut out = stdout.lock();
+        match request {
+            Request::Scan {
+                root,
+                checksum,
+                excludes,
+            } => {
+                let reply = do_scan(path(&root), ScanOptions { checksum, excludes });
+                write_frame(&mut out, &text(reply))?;
+            }
+            Request::Hash { root, paths } => {
+                write_frame(&mut out, &text(do_hash(path(&root), paths)))?;
+            }
+            Request::Send { root, items, level } => {
+                // ChunkWriter buffers a whole chunk; no BufWriter needed in between.
+                let mut chunks = ChunkWriter::new(&mut out);
+                let sent = do_send(path(&root), &items, level, &mut chunks);
+                // The end marker goes out even after a failure, so the stream stays in step.
+                chunks.finish()?;
+                write_frame(&mut out, &text(sent))?;
+            }
+            Request::Lock { path: file } => {
+                let locked = held.migration(path(&file));
+                write_frame(&mut out, &text(locked))?;
+            }
+            Request::LockTree { root } => {
+                write_frame(&mut out, &text(held.tree(path(&root))))?;
+            }
+            Request::Space { root } => {
+                write_frame(&mut out, &text(space(path(&root))))?;
+            }
+            Request::Receive { root, plan } => {
+                drop(out);
+                let mut chunks = ChunkReader::new(io::stdin());
+                let received = do_receive(path(&root), &plan, &mut chunks, &stdout);
+                let failed = received.is_err();
+                let event = match received {
+                    Ok(stats) => ReceiveEvent::Done(stats),
+                    Err(e) => ReceiveEvent::Failed {
+                        message: format!("{e:#}"),
+                        errno: os_error(&e),
+                    },
+                };
+                // A failure is reported at once, so the controller stops the transfer
+                // instead of relaying the rest of it to be skipped here.
+                write_frame(&mut stdout.lock(), &event)?;
+                // Skip what the receiver did not read, up to the end marker.
+                match chunks.drain() {
+                    Ok(()) => {}
+                    // After a failure the controller closes our input mid-stream: the
+                    // session is over, and the failure was already reported.
+                    Err(_) if failed => return Ok(0),
+                    Err(e) => return Err(e).context("reading the end of the stream"),
+                }
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn path(bytes: &[u8]) -> &Path {
+    Path::new(OsStr::from_bytes(bytes))
+}
+
+fn text<T>(r: Result<T>) -> Reply<T> {
+    r.map_err(|e| format!("{e:#}"))
+}
+
+/// Locks `file` exclusively without waiting and writes this process's id into it, so
+/// that a second controller is told who holds it: `Ok(Err(pid))` when another holds it.
+fn lock(file: &Path) -> Result<Result<Flock<std::fs::File>, String>> {
+    use std::io::{Read, Seek};
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(file)
+        .with_context(|| format!("opening the lock file {}", file.display()))?;
+    let mut locked = match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+        Ok(l) => l,
+        Err((mut f, _)) => {
+            let mut holder = String::new();
+            let _ = f.read_to_string(&mut holder);
+            return Ok(Err(holder.trim().to_string()));
+        }
+    };
+    locked.set_len(0)?;
+    locked.rewind()?;
+    write!(locked, "{}", std::process::id())?;
+    Ok(Ok(locked))
+}
+
+/// Locks for the controller, held until this process ends (the kernel then releases them).
+#[derive(Default)]
+struct Held(HashMap<PathBuf, Flock<std::fs::File>>);
+
+impl Held {
+    /// The migration lock: one controller per old host.
+    fn migration(&mut self, file: &Path) -> Result<()> {
+        if self.0.contains_key(file) {
+            return Ok(());
+        }
+        match lock(file)? {
+            Ok(l) => {
+                self.0.insert(file.to_path_buf(), l);
+                Ok(())
+            }
+            Err(pid) => bail!(
+                "another relaymove holds {} (agent pid {pid}); two migrations must not interleave\nhint: wait for it, or end it (the lock goes with its process)",
+                file.display()
+            ),
+        }
+    }
+
+    /// The lock of one receiving tree: two receivers in one DEST would each remove the
+    /// other's temporary files as leftovers. Again for the same tree in this session, it is
+    /// already held.
+    fn tree(&mut self, root: &Path) -> Result<()> {
+        let file = tree_lock_file(root)?;
+        if self.0.contains_key(&file) {
+            return Ok(());
+        }
+        match lock(&file)? {
+            Ok(l) => {
+                self.0.insert(file, l);
+                Ok(())
+            }
+            Err(pid) => bail!(
+                "DEST {} is in use by another relaymove (agent pid {pid}, lock {}); two syncs into one DEST would \
+                 undo each other's work; nothing was changed\nhint: wait for the other sync to finish, or end it \
+                 (`kill {pid}` on this host ends its agent, and the lock with it)",
+                root.display(),
+                file.display()
+            ),
+        }
+    }
+}
+
+/// Where the lock of the tree at `root` lives: one file per tree, named by the hash of its
+/// canonical path (symlinks and `..` resolved as far as the path exists), under /run (gone
+/// after a reboot, like the processes that held the locks) or the user's runtime directory.
+fn tree_lock_file(root: &Path) -> Result<PathBuf> {
+    let mut existing = root;
+    let mut rest = Vec::new();
+    let canonical = loop {
+        match existing.canonicalize() {
+            Ok(c) => break c,
+            Err(_) => match (existing.parent(), existing.file_name()) {
+                (Some(parent), Some(name)) => {
+                    rest.push(name.to_os_string());
+                    existing = parent;
+                }
+                _ => bail!("no existing directory above {}", root.display()),
+            },
+        }
+    };
+    let canonical = rest.iter().rev().fold(canonical, |p, n| p.join(n));
+    let dir = if nix::unistd::geteuid().is_root() {
+        PathBuf::from("/run/relaymove")
+    } else if let Some(runtime) = std::env::var_os("XDG_RUNTIME_DIR") {
+        PathBuf::from(runtime).join("relaymove")
+    } else {
+        let home = std::env::var_os("HOME").context("neither XDG_RUNTIME_DIR nor HOME is set")?;
+        PathBuf::from(home).join(".local/lib/relaymove/locks")
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let digest = sha2::Sha256::digest(canonical.as_os_str().as_bytes());
+    Ok(dir.join(format!("tree-{}.lock", &hex(&digest)[..32])))
+}
+
+/// The first OS error number in an error chain.
+fn os_error(e: &anyhow::Error) -> Option<i32> {
+    e.chain().find_map(|c| {
+        c.downcast_ref::<io::Error>()
+            .and_then(|e| e.raw_os_error())
+            .or_else(|| c.downcast_ref::<nix::errno::Errno>().map(|e| *e as i32))
+    })
+}
+
+/// Free space where `root` is, or would be created (its nearest existing ancestor).
+fn space(root: &Path) -> Result<Space> {
+    use nix::sys::statvfs::statvfs;
+    let mut at = root;
+    let st = loop {
+        match statvfs(at) {
+            Ok(st) => break st,
+            Err(nix::errno::Errno::ENOENT) => {
+                at = at
+                    .parent()
+                    .with_context(|| format!("no existing directory above {}", root.display()))?
+            }
+            Err(e) => return Err(e).with_context(|| format!("statvfs {}", at.display())),
+        }
+    };
+    // Root may use the blocks and inodes reserved for it; anyone else may not.
+    let root_user = nix::unistd::geteuid().is_root();
+    let (blocks, inodes) = if root_user {
+        (st.blocks_free(), st.files_free())
+    } else {
+        (st.blocks_available(), st.files_available())
+    };
+    let block = st.fragment_size().max(1);
+    Ok(Space {
+        bytes_free: blocks.saturating_mul(block),
+        inodes_free: if st.files() == 0 { u64::MAX } else { inodes },
+        block,
+    })
+}
+
+fn do_scan(root: &Path, opts: ScanOptions) -> Result<Manifest> {
+    let mut cache = HashCache::open(root);
+    let manifest =
+        scan(root, &opts, &mut cache).with_context(|| format!("scanning {}", root.display()))?;
+    let present: HashSet<&[u8]> = manifest.entries.iter().map(|e| e.path.as_slice()).collect();
+    cache.retain(|p| present.contains(p));
+    let _ = cache.save();
+    Ok(manifest)
+}
+
+fn do_hash(root: &Path, paths: Vec<Vec<u8>>) -> Result<Hashes> {
+    let mut cache = HashCache::open(root);
+    let mut tree = Tree::open_existing(root)?;
+    let mut out: Hashes = Vec::with_capacity(paths.len());
+    for rel in paths {
+        validate(&rel)?;
+        // A file gone or changed type since the scan simply has no hash.
+        let digest = hash_path(&mut tree, &rel, &mut cache).ok().flatten();
+        out.push((rel, digest));
+    }
+    let _ = cache.save();
+    Ok(out)
+}
+
+fn do_send(root: &Path, items: &[SendItem], level: i32, out: impl Write) -> Result<()> {
+    let mut cache = HashCache::open(root);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1)
+        .min(4);
+    send(root, items, out, SendOptions { level, threads }, &mut cache)?;
+    let _ = cache.save();
+    Ok(())
+}
+
+fn do_receive(
+    root: &Path,
+    plan: &Plan,
+    input: &mut ChunkReader<io::Stdin>,
+    stdout: &io::Stdout,
+) -> Result<crate::sync::receive::ReceiveStats> {
+    let tree = Tree::open(root)?;
+    let cache = HashCache::open(root);
+    let receiver = Receiver::new(tree, plan, cache, Durability::from_env());
+    receiver.run(input, |p| {
+        let _ = write_frame(&mut stdout.lock(), &ReceiveEvent::Progress(p));
+    })
+}
