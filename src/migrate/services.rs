@@ -167,7 +167,14 @@ pub async fn prepare_new(cx: &mut Cx) -> Result<Value> {
             );
         }
         // The hook may have started daemons again (cmdeploy's configure stage does).
-        stop(&cx.new, &cx.profile, cx.profile.stop_order).await?;
+        let started = running(&cx.new, &cx.profile).await?;
+        if !started.is_empty() {
+            stop(&cx.new, &cx.profile, cx.profile.stop_order).await?;
+            cx.note(
+                step,
+                &format!("the hook started {}: stopped again", started.join(", ")),
+            );
+        }
     }
     if let Some(why) = units_stopped(&cx.new, &cx.profile).await? {
         bail!("{why} after stopping it");
