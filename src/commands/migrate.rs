@@ -43,7 +43,9 @@ pub struct MigrateCmd {
     /// Do not ask before taking mail down on old.
     #[arg(long, short = 'y')]
     pub yes: bool,
-    /// Stop after this step (e.g. `presync`, repeatable while old serves mail).
+    /// Stop after this step (e.g. `presync`, repeatable while old serves mail). Steps:
+    /// preflight, presync, prepare_new, disable_old, final_sync, ownership, dns_cutover,
+    /// activate_new, verify, finish.
     #[arg(long, value_name = "STEP")]
     pub until: Option<String>,
     /// Run this step and the ones after it again, even if the journal says they are done.
