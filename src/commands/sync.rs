@@ -44,6 +44,11 @@ pub struct SyncCmd {
     /// Decide "changed" by content hash instead of size and mtime.
     #[arg(short = 'c', long)]
     pub checksum: bool,
+    /// Keep setuid/setgid bits on files owned by root (or group root). Without it they
+    /// arrive without those bits and a warning lists them: a compromised source could
+    /// otherwise plant root programs on DEST.
+    #[arg(long)]
+    pub keep_setuid: bool,
     /// Allow an empty or missing SRC to empty DEST.
     #[arg(long)]
     pub allow_empty_source: bool,
@@ -214,6 +219,7 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
         tee_stream: cmd.tee_stream.clone(),
         progress: !cmd.quiet && !cmd.no_progress,
         timeout: Duration::from_secs(cmd.timeout),
+        keep_setuid: cmd.keep_setuid,
     };
     let mirrored = tokio::select! {
         mirrored = mirror(
