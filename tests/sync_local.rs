@@ -748,3 +748,54 @@ fn a_stopped_agent_fails_the_sync_after_the_timeout_naming_host_and_phase() {
     assert!(msg.contains("raise --timeout"), "{msg}");
     assert!(waited < Duration::from_secs(15), "gave up after {waited:?}");
 }
+
+#[test]
+fn version_names_the_git_commit_it_was_built_from() {
+    let out = std::process::Command::new(common::bin())
+        .arg("--version")
+        .output()
+        .unwrap();
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("relaymove {} (commit {commit})", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn rsync_flags_get_an_explanation_instead_of_a_bare_usage_error() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dest, cache) = (
+        t.path().join("src"),
+        t.path().join("dest"),
+        t.path().join("cache"),
+    );
+    write(&src, b"a", b"1");
+    write(&dest, b"extra", b"deleted as with --delete");
+    // -a, -H and --delete are what relaymove does anyway: it runs and says so.
+    let args = sync_args(&[OsStr::new("-aH"), OsStr::new("--delete")], &src, &dest);
+    let (code, msg) = run_sync(&args, &cache);
+    assert_eq!(code, Some(0), "{msg}");
+    assert!(
+        msg.contains("always mirrors like rsync -aH --delete"),
+        "{msg}"
+    );
+    assert_mirror(&src, &dest);
+    // -e would connect differently than asked if ignored: refused, pointing at the config.
+    for rsh in [["-e", "ssh -p 2222"], ["--rsh", "ssh -i key"]] {
+        let extra: Vec<&OsStr> = rsh.iter().map(OsStr::new).collect();
+        let (code, msg) = run_sync(&sync_args(&extra, &src, &dest), &cache);
+        assert_eq!(code, Some(2), "{msg}");
+        assert!(
+            msg.contains("ssh options go in the ssh config, see --ssh-config"),
+            "{msg}"
+        );
+    }
+}

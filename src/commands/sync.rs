@@ -75,6 +75,23 @@ pub struct SyncCmd {
     #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_TIMEOUT.as_secs(),
           value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout: u64,
+    /// rsync habits: accepted with a note, as relaymove always mirrors like `rsync -aH
+    /// --delete`.
+    #[arg(short = 'a', long = "archive", hide = true)]
+    pub rsync_archive: bool,
+    #[arg(short = 'H', long = "hard-links", hide = true)]
+    pub rsync_hard_links: bool,
+    #[arg(long = "delete", hide = true, conflicts_with = "no_delete")]
+    pub rsync_delete: bool,
+    /// rsync's remote shell: refused with the way relaymove takes ssh options.
+    #[arg(
+        short = 'e',
+        long = "rsh",
+        hide = true,
+        value_name = "COMMAND",
+        allow_hyphen_values = true
+    )]
+    pub rsync_rsh: Option<String>,
     /// ssh_config file to use instead of ~/.ssh/config.
     #[arg(long, env = "RELAYMOVE_SSH_CONFIG", value_name = "FILE")]
     pub ssh_config: Option<PathBuf>,
@@ -115,6 +132,15 @@ pub fn run(cmd: SyncCmd) -> Result<i32> {
     if cmd.quiet && cmd.verbose {
         return usage("--quiet and --verbose contradict each other");
     }
+    // Ignoring -e would connect in a way the user did not ask for: refuse it.
+    if cmd.rsync_rsh.is_some() {
+        return usage(&format!("-e/--rsh is rsync's; {SSH_OPTIONS}"));
+    }
+    if (cmd.rsync_archive || cmd.rsync_hard_links || cmd.rsync_delete) && !cmd.quiet {
+        eprintln!(
+            "relaymove: note: -a, -H and --delete are not needed: {RSYNC_LIKE}; {SSH_OPTIONS}"
+        );
+    }
     if let (Endpoint::Local(a), Endpoint::Local(b)) = (&src, &dest) {
         if let (Some(a), Some(b)) = (resolved(a), resolved(b)) {
             if b.starts_with(&a) || a.starts_with(&b) {
@@ -151,6 +177,11 @@ fn resolved(p: &Path) -> Option<PathBuf> {
         };
     }
 }
+
+/// For rsync users, who try its flags first.
+const RSYNC_LIKE: &str =
+    "relaymove always mirrors like rsync -aH --delete (--no-delete keeps extra files)";
+const SSH_OPTIONS: &str = "ssh options go in the ssh config, see --ssh-config";
 
 fn usage(msg: &str) -> Result<i32> {
     eprintln!("relaymove: {msg}\nhint: see `relaymove sync --help`");
