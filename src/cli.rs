@@ -5,7 +5,12 @@ use clap::{Parser, Subcommand};
 
 /// Move a self-hosted mail server from one Debian host to another, verified.
 #[derive(Parser, Debug)]
-#[command(name = "relaymove", version, about, propagate_version = true)]
+#[command(
+    name = "relaymove",
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("RELAYMOVE_COMMIT"), ")"),
+    about,
+    propagate_version = true
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

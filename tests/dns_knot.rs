@@ -405,21 +405,15 @@ fn faults_are_named_cname_missing_zone_and_unreachable_server() {
     );
 }
 
-#[test]
-fn the_command_provider_gets_the_change_and_relaymove_confirms_it() {
-    if !ready() {
-        return;
-    }
-    let knot = Knot::start("v=DKIM1;k=rsa;p=AAAA");
-    let seen = knot.path("seen-env");
+/// A config whose command provider runs `first` and then applies the change with knsupdate.
+fn command_provider_config(knot: &Knot, first: &str) -> std::path::PathBuf {
     let script = format!(
-        "env | grep ^RELAYMOVE_ | sort > {seen}; \
+        "{first} \
          {{ echo \"server 127.0.0.1 {port}\"; echo \"zone $RELAYMOVE_ZONE\"; \
             for ip in $RELAYMOVE_A_OLD; do echo \"update delete $RELAYMOVE_NAME A $ip\"; done; \
             for ip in $RELAYMOVE_A_NEW; do echo \"update add $RELAYMOVE_NAME $RELAYMOVE_A_TTL A $ip\"; done; \
             for ip in $RELAYMOVE_AAAA_NEW; do echo \"update add $RELAYMOVE_NAME $RELAYMOVE_AAAA_TTL AAAA $ip\"; done; \
             echo send; }} | knsupdate -y hmac-sha256:relaymove.:{SECRET}",
-        seen = seen.display(),
         port = knot.primary
     );
     let extra = format!(
@@ -431,6 +425,18 @@ fn the_command_provider_gets_the_change_and_relaymove_confirms_it() {
         .unwrap()
         .replace("provider = \"rfc2136\"", "provider = \"command\"");
     std::fs::write(&config, body).unwrap();
+    config
+}
+
+#[test]
+fn the_command_provider_gets_the_change_and_relaymove_confirms_it() {
+    if !ready() {
+        return;
+    }
+    let knot = Knot::start("v=DKIM1;k=rsa;p=AAAA");
+    let seen = knot.path("seen-env");
+    let first = format!("env | grep ^RELAYMOVE_ | sort > {};", seen.display());
+    let config = command_provider_config(&knot, &first);
     let out = dns(&config, &["cutover"]);
     assert!(out.status.success(), "{}", text(&out));
     let env = std::fs::read_to_string(&seen).unwrap();
@@ -446,6 +452,24 @@ fn the_command_provider_gets_the_change_and_relaymove_confirms_it() {
     assert_eq!(
         knot.dig(knot.secondary, "mail.example.org.", "A"),
         vec!["198.51.100.20"]
+    );
+}
+
+#[test]
+fn the_command_providers_output_goes_to_stderr_and_json_stdout_stays_parseable() {
+    if !ready() {
+        return;
+    }
+    let knot = Knot::start("v=DKIM1;k=rsa;p=AAAA");
+    let config = command_provider_config(&knot, "echo provider-chatter;");
+    let out = dns(&config, &["cutover", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let report: Result<serde_json::Value, _> = serde_json::from_slice(&out.stdout);
+    assert!(report.is_ok(), "stdout is not JSON: {}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("provider-chatter"),
+        "{}",
+        text(&out)
     );
 }
 

@@ -93,8 +93,10 @@ fn mirrors_every_kind_of_entry_then_follows_changes() {
     );
     fs::create_dir(&src).unwrap();
     build_everything(&src);
+    // An exact mirror, setuid-root included, is what --keep-setuid asks for.
+    const KEEP: &[&str] = &["--keep-setuid"];
 
-    let r = sync_json(&src, &dest, &[], &cache);
+    let r = sync_json(&src, &dest, KEEP, &cache);
     assert_mirror(&src, &dest);
     assert_eq!(r["verified"], true);
     let cache_mode = fs::metadata(&cache).unwrap().permissions().mode();
@@ -123,7 +125,7 @@ fn mirrors_every_kind_of_entry_then_follows_changes() {
         b"new/incoming",
         b"moved from new to cur by the client",
     );
-    let _ = sync_json(&src, &dest, &[], &cache);
+    let _ = sync_json(&src, &dest, KEEP, &cache);
     fs::rename(p(&src, b"new/incoming"), p(&src, b"cur/incoming:2,S")).unwrap();
     fs::remove_file(p(&src, b"empty")).unwrap();
     fs::create_dir(p(&src, b"empty")).unwrap(); // file -> directory
@@ -141,7 +143,7 @@ fn mirrors_every_kind_of_entry_then_follows_changes() {
     fs::create_dir_all(p(&dest, b"")).unwrap();
     symlink(&outside, p(&dest, b"maildir")).unwrap();
 
-    let r = sync_json(&src, &dest, &[], &cache);
+    let r = sync_json(&src, &dest, KEEP, &cache);
     assert_mirror(&src, &dest);
     assert!(
         fs::read_dir(&outside).unwrap().next().is_none(),
@@ -153,7 +155,7 @@ fn mirrors_every_kind_of_entry_then_follows_changes() {
     );
 
     // No change: nothing is sent, nothing on the wire.
-    let r = sync_json(&src, &dest, &[], &cache);
+    let r = sync_json(&src, &dest, KEEP, &cache);
     assert_eq!(
         (
             r["files_sent"].as_u64(),
@@ -163,6 +165,53 @@ fn mirrors_every_kind_of_entry_then_follows_changes() {
         (Some(0), Some(0), Some(0)),
         "{r}"
     );
+    assert_mirror(&src, &dest);
+}
+
+#[test]
+fn root_setuid_and_setgid_files_arrive_without_those_bits_and_a_warning_unless_kept() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dest, cache) = (
+        t.path().join("src"),
+        t.path().join("dest"),
+        t.path().join("cache"),
+    );
+    write(&src, b"suid-root", b"#!/bin/sh\n");
+    chmod(&src, b"suid-root", 0o4755);
+    write(&src, b"sgid-root", b"x");
+    chmod(&src, b"sgid-root", 0o2750);
+    write(&src, b"suid-daemon", b"y");
+    lchown(&p(&src, b"suid-daemon"), 1, 1); // before chmod: chown clears setuid
+    chmod(&src, b"suid-daemon", 0o4755);
+    fs::create_dir(p(&src, b"sgid-dir")).unwrap();
+    chmod(&src, b"sgid-dir", 0o2775);
+    let mode = |rel: &[u8]| fs::metadata(p(&dest, rel)).unwrap().permissions().mode() & 0o7777;
+
+    let r = sync_json(&src, &dest, &[], &cache);
+    assert_eq!(
+        [mode(b"suid-root"), mode(b"sgid-root")],
+        [0o755, 0o750],
+        "root's setuid/setgid bits arrived without --keep-setuid"
+    );
+    assert_eq!(mode(b"suid-daemon"), 0o4755, "not root's: kept");
+    assert_eq!(mode(b"sgid-dir"), 0o2775, "directories keep setgid");
+    let warning = r["warnings"][0].as_str().unwrap_or_default();
+    assert!(
+        warning.contains("2 root-owned setuid/setgid files")
+            && warning.contains("sgid-root, suid-root")
+            && warning.contains("--keep-setuid"),
+        "{r}"
+    );
+    // Without the bits DEST counts as up to date: a rerun plans nothing, and warns again.
+    let r = sync_json(&src, &dest, &[], &cache);
+    assert_eq!(r["files_sent"], 0, "{r}");
+    assert!(sync_json(&src, &dest, &["-v"], &cache)["warnings"][0]
+        .as_str()
+        .is_some_and(|w| w.contains("--keep-setuid")));
+
+    let r = sync_json(&src, &dest, &["--keep-setuid"], &cache);
+    assert_eq!([mode(b"suid-root"), mode(b"sgid-root")], [0o4755, 0o2750]);
+    assert!(r["warnings"].as_array().unwrap().is_empty(), "{r}");
     assert_mirror(&src, &dest);
 }
 
@@ -698,4 +747,55 @@ fn a_stopped_agent_fails_the_sync_after_the_timeout_naming_host_and_phase() {
     );
     assert!(msg.contains("raise --timeout"), "{msg}");
     assert!(waited < Duration::from_secs(15), "gave up after {waited:?}");
+}
+
+#[test]
+fn version_names_the_git_commit_it_was_built_from() {
+    let out = std::process::Command::new(common::bin())
+        .arg("--version")
+        .output()
+        .unwrap();
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("relaymove {} (commit {commit})", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn rsync_flags_get_an_explanation_instead_of_a_bare_usage_error() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dest, cache) = (
+        t.path().join("src"),
+        t.path().join("dest"),
+        t.path().join("cache"),
+    );
+    write(&src, b"a", b"1");
+    write(&dest, b"extra", b"deleted as with --delete");
+    // -a, -H and --delete are what relaymove does anyway: it runs and says so.
+    let args = sync_args(&[OsStr::new("-aH"), OsStr::new("--delete")], &src, &dest);
+    let (code, msg) = run_sync(&args, &cache);
+    assert_eq!(code, Some(0), "{msg}");
+    assert!(
+        msg.contains("always mirrors like rsync -aH --delete"),
+        "{msg}"
+    );
+    assert_mirror(&src, &dest);
+    // -e would connect differently than asked if ignored: refused, pointing at the config.
+    for rsh in [["-e", "ssh -p 2222"], ["--rsh", "ssh -i key"]] {
+        let extra: Vec<&OsStr> = rsh.iter().map(OsStr::new).collect();
+        let (code, msg) = run_sync(&sync_args(&extra, &src, &dest), &cache);
+        assert_eq!(code, Some(2), "{msg}");
+        assert!(
+            msg.contains("ssh options go in the ssh config, see --ssh-config"),
+            "{msg}"
+        );
+    }
 }

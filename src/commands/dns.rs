@@ -6,6 +6,7 @@ use crate::dns::checks;
 use crate::dns::server::Server;
 use crate::dns::status::{self, agreement, Names, ServerView};
 use crate::report::finding::Level;
+use crate::report::printable;
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 use serde::Serialize;
@@ -214,7 +215,10 @@ async fn status(config: &Config, json: bool) -> Result<i32> {
             };
             println!(
                 "  {:<38} {:<5} {:>6}  {}  {note}",
-                r.name, r.rtype, r.ttl, r.value
+                printable(&r.name),
+                r.rtype,
+                r.ttl,
+                printable(&r.value)
             );
         }
     }
@@ -223,7 +227,7 @@ async fn status(config: &Config, json: bool) -> Result<i32> {
     } else {
         println!("the servers DISAGREE:");
         for d in &report.differences {
-            println!("  {d}");
+            println!("  {}", printable(d));
         }
     }
     let now = now_unix();
@@ -274,7 +278,7 @@ fn print_change(report: &ChangeReport, json: bool) -> Result<()> {
         return Ok(());
     }
     for c in &report.changed {
-        println!("{}: {c}", report.action);
+        println!("{}: {}", report.action, printable(c));
     }
     println!(
         "every authoritative server serves it ({:.1}s)",
@@ -360,7 +364,7 @@ async fn lower_ttl(config: &Config, ttl: u32, json: bool) -> Result<i32> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         for c in &report.changed {
-            println!("lower-ttl: {c}");
+            println!("lower-ttl: {}", printable(c));
         }
         println!(
             "recorded in {}; safe to cut over from {}",
@@ -414,9 +418,9 @@ async fn check(config: &Config, json: bool) -> Result<i32> {
         println!("{}", serde_json::to_string_pretty(&findings)?);
     } else {
         for f in &findings {
-            println!("{}  {}: {}", f.level.tag(), f.check, f.detail);
+            println!("{}  {}: {}", f.level.tag(), f.check, printable(&f.detail));
             if let Some(fix) = &f.fix {
-                println!("      fix: {fix}");
+                println!("      fix: {}", printable(fix));
             }
         }
     }

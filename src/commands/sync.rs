@@ -44,6 +44,11 @@ pub struct SyncCmd {
     /// Decide "changed" by content hash instead of size and mtime.
     #[arg(short = 'c', long)]
     pub checksum: bool,
+    /// Keep setuid/setgid bits on files owned by root (or group root). Without it they
+    /// arrive without those bits and a warning lists them: a compromised source could
+    /// otherwise plant root programs on DEST.
+    #[arg(long)]
+    pub keep_setuid: bool,
     /// Allow an empty or missing SRC to empty DEST.
     #[arg(long)]
     pub allow_empty_source: bool,
@@ -70,6 +75,23 @@ pub struct SyncCmd {
     #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_TIMEOUT.as_secs(),
           value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout: u64,
+    /// rsync habits: accepted with a note, as relaymove always mirrors like `rsync -aH
+    /// --delete`.
+    #[arg(short = 'a', long = "archive", hide = true)]
+    pub rsync_archive: bool,
+    #[arg(short = 'H', long = "hard-links", hide = true)]
+    pub rsync_hard_links: bool,
+    #[arg(long = "delete", hide = true, conflicts_with = "no_delete")]
+    pub rsync_delete: bool,
+    /// rsync's remote shell: refused with the way relaymove takes ssh options.
+    #[arg(
+        short = 'e',
+        long = "rsh",
+        hide = true,
+        value_name = "COMMAND",
+        allow_hyphen_values = true
+    )]
+    pub rsync_rsh: Option<String>,
     /// ssh_config file to use instead of ~/.ssh/config.
     #[arg(long, env = "RELAYMOVE_SSH_CONFIG", value_name = "FILE")]
     pub ssh_config: Option<PathBuf>,
@@ -110,6 +132,15 @@ pub fn run(cmd: SyncCmd) -> Result<i32> {
     if cmd.quiet && cmd.verbose {
         return usage("--quiet and --verbose contradict each other");
     }
+    // Ignoring -e would connect in a way the user did not ask for: refuse it.
+    if cmd.rsync_rsh.is_some() {
+        return usage(&format!("-e/--rsh is rsync's; {SSH_OPTIONS}"));
+    }
+    if (cmd.rsync_archive || cmd.rsync_hard_links || cmd.rsync_delete) && !cmd.quiet {
+        eprintln!(
+            "relaymove: note: -a, -H and --delete are not needed: {RSYNC_LIKE}; {SSH_OPTIONS}"
+        );
+    }
     if let (Endpoint::Local(a), Endpoint::Local(b)) = (&src, &dest) {
         if let (Some(a), Some(b)) = (resolved(a), resolved(b)) {
             if b.starts_with(&a) || a.starts_with(&b) {
@@ -146,6 +177,11 @@ fn resolved(p: &Path) -> Option<PathBuf> {
         };
     }
 }
+
+/// For rsync users, who try its flags first.
+const RSYNC_LIKE: &str =
+    "relaymove always mirrors like rsync -aH --delete (--no-delete keeps extra files)";
+const SSH_OPTIONS: &str = "ssh options go in the ssh config, see --ssh-config";
 
 fn usage(msg: &str) -> Result<i32> {
     eprintln!("relaymove: {msg}\nhint: see `relaymove sync --help`");
@@ -214,6 +250,7 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
         tee_stream: cmd.tee_stream.clone(),
         progress: !cmd.quiet && !cmd.no_progress,
         timeout: Duration::from_secs(cmd.timeout),
+        keep_setuid: cmd.keep_setuid,
     };
     let mirrored = tokio::select! {
         mirrored = mirror(

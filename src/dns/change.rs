@@ -217,7 +217,9 @@ pub async fn apply(
                 .split_first()
                 .ok_or_else(|| anyhow!("[dns] command is empty"))?;
             let mut cmd = tokio::process::Command::new(program);
+            // Its stdout goes to our stderr: with --json our stdout is for the report only.
             cmd.args(args)
+                .stdout(std::io::stderr())
                 .env("RELAYMOVE_ACTION", action)
                 .env("RELAYMOVE_ZONE", names.zone.to_ascii())
                 .env("RELAYMOVE_NAME", names.domain.to_ascii());
@@ -249,7 +251,11 @@ pub async fn apply(
 
 fn zone_line(r: &Record) -> String {
     let rr = rr_of(r);
-    format!("{} {} IN {} {}", rr.name, rr.ttl, rr.rtype, rr.value)
+    // For people: a record value could carry terminal escapes.
+    crate::report::printable(&format!(
+        "{} {} IN {} {}",
+        rr.name, rr.ttl, rr.rtype, rr.value
+    ))
 }
 
 /// Polls every authoritative server until each serves `changes`' desired RRsets (values and

@@ -7,7 +7,8 @@
 //! configuration, and the first value ssh reads wins.
 //!
 //! The agent lives at `/var/lib/relaymove/bin/relaymove-<sha256>` (root-only) or, for other
-//! users, under `~/.local/lib/relaymove/bin/`. It is uploaded only when absent or different.
+//! users, under `~/.local/lib/relaymove/bin/`. It is uploaded only when absent or different,
+//! and neither started nor installed in a directory another user could change.
 
 use crate::remote::endpoint::{parse_ssh_target, RemotePath};
 use crate::remote::protocol::{Hello, PROTOCOL};
@@ -138,26 +139,70 @@ fn ssh_reason(e: &openssh::Error) -> String {
     text
 }
 
+/// The start of both agent scripts: picks the agent directory `$d` and defines `safe DIR`,
+/// which refuses a DIR that anyone but the login user could change (a symlink, another
+/// owner, group- or other-writable). The scripts hash the agent and then exec it by path,
+/// so a user who can write the directory could swap the file in between: as root that is
+/// code execution as root. A macro, not a const, so `concat!` can join it to each script.
+macro_rules! agent_dir_prologue {
+    () => {
+        r#"if [ "$(id -u)" = 0 ]; then d=/var/lib/relaymove; else d="${HOME:?}/.local/lib/relaymove"; fi
+safe() {
+  why=
+  if [ -L "$1" ]; then why="is a symlink"
+  elif [ ! -d "$1" ]; then why="is not a directory"
+  elif [ "$(stat -c %u "$1")" != "$(id -u)" ]; then why="is owned by uid $(stat -c %u "$1"), not by uid $(id -u) who runs the agent"
+  else case $(stat -c %A "$1") in ?????w*|????????w*) why="is writable by group or others";; esac
+  fi
+  [ -z "$why" ] && return 0
+  echo "the agent directory $1 $why, so another user could replace the agent before it runs; fix: remove it (rm -r $1) and relaymove recreates it, or make it yours and private (chown $(id -u) $1 && chmod 700 $1)" >&2
+  exit 96
+}
+"#
+    };
+}
+
 /// Starts the agent if this host has this exact version; else exits 97 (upload needed).
 /// The check and the start are one command, so a sync costs one round trip for it.
-const AGENT_START: &str = r#"if [ "$(id -u)" = 0 ]; then d=/var/lib/relaymove; else d="${HOME:?}/.local/lib/relaymove"; fi
-f="$d/bin/relaymove-$1"
+const AGENT_START: &str = concat!(
+    agent_dir_prologue!(),
+    r#"f="$d/bin/relaymove-$1"
+if [ -e "$d" ] || [ -L "$d" ]; then safe "$d"; fi
+if [ -e "$d/bin" ] || [ -L "$d/bin" ]; then safe "$d/bin"; fi
 if [ -x "$f" ] && [ "$(sha256sum < "$f" | cut -d' ' -f1)" = "$1" ]; then exec "$f" agent serve; fi
 exit 97
-"#;
+"#
+);
 
-/// Installs the agent from stdin, root-only, and removes older versions.
-const AGENT_INSTALL: &str = r#"set -e
-if [ "$(id -u)" = 0 ]; then d=/var/lib/relaymove; else d="${HOME:?}/.local/lib/relaymove"; fi
+/// Installs the agent from stdin, private to the login user, and removes older versions.
+/// Each upload writes its own temporary file and renames it into place only once its hash
+/// is right, so concurrent first syncs to one host cannot truncate or delete each other's
+/// upload, and a running agent's file is never rewritten (no "Text file busy").
+const AGENT_INSTALL: &str = concat!(
+    agent_dir_prologue!(),
+    r#"set -e
 umask 077
-mkdir -p "$d/bin"
-chmod 700 "$d"
 f="$d/bin/relaymove-$1"
-cat > "$f.part"
-chmod 700 "$f.part"
-mv "$f.part" "$f"
-for old in "$d"/bin/relaymove-*; do [ "$old" = "$f" ] || rm -f "$old"; done
-"#;
+if [ -L "$d" ]; then safe "$d"; fi
+mkdir -p "$d"
+safe "$d"
+if [ -L "$d/bin" ]; then safe "$d/bin"; fi
+mkdir -p "$d/bin"
+safe "$d/bin"
+t=$(mktemp "$d/bin/.upload.XXXXXX")
+trap 'rm -f "$t"' EXIT
+cat > "$t"
+if [ "$(sha256sum < "$t" | cut -d' ' -f1)" != "$1" ]; then echo "the agent uploaded to $t does not have SHA-256 $1 (upload cut short?); run relaymove again" >&2; exit 1; fi
+chmod 700 "$t"
+mv -f "$t" "$f"
+for old in "$d"/bin/relaymove-*; do
+  v=${old##*/relaymove-}
+  # Only other versions' agents: never a file someone else put here under another name.
+  case $v in "$1"|*[!0-9a-f]*) continue;; esac
+  if [ ${#v} = 64 ]; then rm -f "$old"; fi
+done
+"#
+);
 
 /// Seconds an SSH master with no open channel stays up (every command and agent of a run
 /// is a channel, so a live run never idles this long).
@@ -632,5 +677,245 @@ impl Agent {
             Ok(r) => r,
             Err(_) => bail!("the agent on {label} did not exit"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The agent scripts run by `sh` on this host, as a user other than root (root's agent
+    //! directory is the host's real `/var/lib/relaymove`): HOME is a temporary directory.
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::{Command, Output};
+
+    /// A temporary HOME for the scripts, owned by the user they run as (nobody when the
+    /// tests run as root).
+    struct Home {
+        dir: tempfile::TempDir,
+        as_nobody: bool,
+    }
+
+    const NOBODY: u32 = 65534;
+
+    impl Home {
+        fn new() -> Home {
+            let dir = tempfile::tempdir().unwrap();
+            let as_nobody = nix::unistd::geteuid().is_root();
+            if as_nobody {
+                std::os::unix::fs::chown(dir.path(), Some(NOBODY), Some(NOBODY)).unwrap();
+            }
+            Home { dir, as_nobody }
+        }
+
+        fn agent_dir(&self) -> PathBuf {
+            self.dir.path().join(".local/lib/relaymove")
+        }
+
+        /// Runs `script` with `sh -c script relaymove ARG` as the home's user.
+        fn sh(&self, script: &str, arg: &str, stdin: &[u8]) -> Output {
+            let mut cmd = if self.as_nobody {
+                let mut c = Command::new("setpriv");
+                c.args([
+                    "--reuid=65534",
+                    "--regid=65534",
+                    "--clear-groups",
+                    "--",
+                    "sh",
+                ]);
+                c
+            } else {
+                Command::new("sh")
+            };
+            cmd.args(["-c", script, "relaymove", arg])
+                .env("HOME", self.dir.path())
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped());
+            let mut child = cmd.spawn().expect("running sh");
+            let mut input = child.stdin.take().unwrap();
+            let bytes = stdin.to_vec();
+            let writer = std::thread::spawn(move || {
+                let _ = input.write_all(&bytes);
+            });
+            let out = child.wait_with_output().unwrap();
+            writer.join().unwrap();
+            out
+        }
+    }
+
+    /// A stand-in agent: a script that says it started, padded to `pad` bytes.
+    fn fake_agent(pad: usize) -> (Vec<u8>, String) {
+        let mut bytes = b"#!/bin/sh\necho \"started $*\"\n#".to_vec();
+        bytes.resize(bytes.len() + pad, b'x');
+        bytes.push(b'\n');
+        let digest = crate::sync::hash_cache::hex(&Sha256::digest(&bytes));
+        (bytes, digest)
+    }
+
+    fn text(b: &[u8]) -> String {
+        String::from_utf8_lossy(b).into_owned()
+    }
+
+    #[test]
+    fn a_fresh_home_gets_a_private_agent_dir_and_the_agent_starts() {
+        let home = Home::new();
+        let (bytes, digest) = fake_agent(10);
+        let out = home.sh(AGENT_START, &digest, b"");
+        assert_eq!(
+            out.status.code(),
+            Some(AGENT_MISSING),
+            "{}",
+            text(&out.stderr)
+        );
+        let out = home.sh(AGENT_INSTALL, &digest, &bytes);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        for dir in [home.agent_dir(), home.agent_dir().join("bin")] {
+            let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o700, "{}", dir.display());
+        }
+        let out = home.sh(AGENT_START, &digest, b"");
+        assert_eq!(
+            text(&out.stdout),
+            "started agent serve\n",
+            "{}",
+            text(&out.stderr)
+        );
+    }
+
+    /// Installs the fake agent, then lets `spoil` change the agent directory: both scripts
+    /// must then refuse (exit 96) with a message naming `named` and the fix, and not run it.
+    fn assert_refused(home: &Home, spoil: &str, named: &Path) {
+        let (bytes, digest) = fake_agent(10);
+        let out = home.sh(AGENT_INSTALL, &digest, &bytes);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let out = home.sh(spoil, "", b"");
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        for script in [AGENT_START, AGENT_INSTALL] {
+            let out = home.sh(script, &digest, &bytes);
+            let msg = text(&out.stderr);
+            assert_eq!(out.status.code(), Some(96), "{msg}");
+            assert_eq!(text(&out.stdout), "", "the agent ran: {msg}");
+            assert!(
+                msg.contains(&format!("agent directory {} ", named.display())),
+                "{msg}"
+            );
+            assert!(msg.contains("fix: remove it"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn a_group_or_world_writable_agent_dir_is_refused() {
+        let home = Home::new();
+        assert_refused(
+            &home,
+            "chmod 777 \"$HOME/.local/lib/relaymove\"",
+            &home.agent_dir(),
+        );
+    }
+
+    #[test]
+    fn a_group_writable_bin_dir_is_refused() {
+        let home = Home::new();
+        let bin = home.agent_dir().join("bin");
+        assert_refused(&home, "chmod 770 \"$HOME/.local/lib/relaymove/bin\"", &bin);
+    }
+
+    #[test]
+    fn a_symlinked_agent_dir_is_refused() {
+        let home = Home::new();
+        let spoil =
+            "cd \"$HOME/.local/lib\" && mv relaymove elsewhere && ln -s elsewhere relaymove";
+        assert_refused(&home, spoil, &home.agent_dir());
+    }
+
+    #[test]
+    fn an_agent_dir_owned_by_another_user_is_refused() {
+        let home = Home::new();
+        if !home.as_nobody {
+            eprintln!("skipping: only root can give the directory another owner");
+            return;
+        }
+        std::fs::create_dir_all(home.dir.path().join(".local/lib")).unwrap();
+        std::os::unix::fs::chown(home.dir.path().join(".local"), Some(NOBODY), Some(NOBODY))
+            .unwrap();
+        std::os::unix::fs::chown(
+            home.dir.path().join(".local/lib"),
+            Some(NOBODY),
+            Some(NOBODY),
+        )
+        .unwrap();
+        // Root-owned and 0755: nobody cannot write it, but root could swap the agent.
+        std::fs::create_dir(home.agent_dir()).unwrap();
+        std::fs::set_permissions(home.agent_dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let (bytes, digest) = fake_agent(10);
+        for script in [AGENT_START, AGENT_INSTALL] {
+            let out = home.sh(script, &digest, &bytes);
+            let msg = text(&out.stderr);
+            assert_eq!(out.status.code(), Some(96), "{msg}");
+            assert!(msg.contains("is owned by uid 0, not by uid 65534"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn concurrent_first_uploads_all_succeed_and_leave_one_intact_agent() {
+        let home = std::sync::Arc::new(Home::new());
+        let (bytes, digest) = fake_agent(2 << 20);
+        let bytes = std::sync::Arc::new(bytes);
+        let uploads: Vec<_> = (0..6)
+            .map(|_| {
+                let (home, bytes, digest) = (home.clone(), bytes.clone(), digest.clone());
+                std::thread::spawn(move || home.sh(AGENT_INSTALL, &digest, &bytes))
+            })
+            .collect();
+        for u in uploads {
+            let out = u.join().unwrap();
+            assert!(out.status.success(), "{}", text(&out.stderr));
+        }
+        let bin = home.agent_dir().join("bin");
+        let names: Vec<_> = std::fs::read_dir(&bin)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, [format!("relaymove-{digest}")]);
+        let out = home.sh(AGENT_START, &digest, b"");
+        assert_eq!(
+            text(&out.stdout),
+            "started agent serve\n",
+            "{}",
+            text(&out.stderr)
+        );
+    }
+
+    #[test]
+    fn a_cut_short_upload_is_not_installed_and_other_versions_alone_are_removed() {
+        let home = Home::new();
+        let (old, old_digest) = fake_agent(1);
+        let out = home.sh(AGENT_INSTALL, &old_digest, &old);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let out = home.sh(
+            "touch \"$HOME/.local/lib/relaymove/bin/relaymove-notes\"",
+            "",
+            b"",
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let (bytes, digest) = fake_agent(100);
+        let out = home.sh(AGENT_INSTALL, &digest, &bytes[..50]);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(
+            text(&out.stderr).contains("upload cut short"),
+            "{}",
+            text(&out.stderr)
+        );
+        let out = home.sh(AGENT_INSTALL, &digest, &bytes);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let mut names: Vec<_> = std::fs::read_dir(home.agent_dir().join("bin"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [format!("relaymove-{digest}"), "relaymove-notes".into()]
+        );
     }
 }

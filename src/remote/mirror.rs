@@ -12,7 +12,7 @@ use crate::remote::protocol::{
     read_chunk_async, read_frame_async, Hashes, ReceiveEvent, Reply, Request, Space, CHUNK,
 };
 use crate::report::progress::Progress;
-use crate::sync::manifest::{Digest, Manifest, Skipped};
+use crate::sync::manifest::{display_path, root_setuid_bits, Digest, Kind, Manifest, Skipped};
 use crate::sync::plan::{self, Plan, PlanOptions};
 use crate::sync::receive::ReceiveStats;
 use anyhow::{anyhow, bail, Context, Result};
@@ -46,6 +46,8 @@ pub struct MirrorOptions {
     /// An agent that sends nothing for this long, in any phase, fails the mirror (a hung
     /// disk, a stopped process or a dead connection would otherwise wait forever).
     pub timeout: Duration,
+    /// Keep setuid/setgid bits on files owned by root; else they arrive without them.
+    pub keep_setuid: bool,
 }
 
 /// `MirrorOptions::timeout` unless set: long enough for a scan of a big tree or the final
@@ -64,6 +66,7 @@ impl Default for MirrorOptions {
             tee_stream: None,
             progress: false,
             timeout: DEFAULT_TIMEOUT,
+            keep_setuid: false,
         }
     }
 }
@@ -204,6 +207,12 @@ pub async fn mirror(
             src.agent.label()
         );
     }
+    // Planned without the bits, so DEST without them counts as up to date.
+    let unset = if opts.keep_setuid {
+        Vec::new()
+    } else {
+        drop_root_setuid(&mut src_m)
+    };
     let scanned = start.elapsed();
     let plan_opts = PlanOptions {
         delete: opts.delete,
@@ -231,7 +240,7 @@ pub async fn mirror(
     let plan = plan::build(&src_m, &dest_m, &plan_opts)
         .with_context(|| format!("planning {src_what} → {dest_what}"))?;
     let planned = start.elapsed();
-    let stats = if opts.dry_run || plan.is_empty() {
+    let mut stats = if opts.dry_run || plan.is_empty() {
         ReceiveStats::default()
     } else {
         let request = Request::Space {
@@ -264,6 +273,16 @@ pub async fn mirror(
             )
         })?
     };
+    if !unset.is_empty() {
+        let shown: Vec<String> = unset.iter().take(5).map(|p| display_path(p)).collect();
+        stats.warnings.push(format!(
+            "{} root-owned setuid/setgid files of {src_what} are on {dest_what} without those bits ({}{}); \
+             pass --keep-setuid if the source is trusted and they are needed",
+            unset.len(),
+            shown.join(", "),
+            if unset.len() > shown.len() { ", …" } else { "" }
+        ));
+    }
     Ok(MirrorOutcome {
         src: src_m,
         plan,
@@ -271,6 +290,19 @@ pub async fn mirror(
         scanned,
         planned,
     })
+}
+
+/// Clears the [`root_setuid_bits`] of SRC's regular files; returns their paths.
+fn drop_root_setuid(src: &mut Manifest) -> Vec<Vec<u8>> {
+    let mut unset = Vec::new();
+    for e in src.entries.iter_mut().filter(|e| e.kind == Kind::File) {
+        let bits = root_setuid_bits(e.meta.mode, e.meta.uid, e.meta.gid);
+        if bits != 0 {
+            e.meta.mode &= !bits;
+            unset.push(e.path.clone());
+        }
+    }
+    unset
 }
 
 /// What the receiver needs on DEST's file system at most: the files it is sent (each a
@@ -423,6 +455,7 @@ async fn transfer(
         .send(&Request::Receive {
             root: root_bytes(to.root),
             plan: plan.clone(),
+            keep_setuid: opts.keep_setuid,
         })
         .await?;
     sender

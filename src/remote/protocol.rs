@@ -40,7 +40,7 @@ const MAX_FRAME: u64 = MAX_DECODED / 2;
 pub const CHUNK: usize = 1 << 20;
 
 /// Changes whenever a message changes shape; the agent's file name pins the exact build.
-pub const PROTOCOL: u32 = 3;
+pub const PROTOCOL: u32 = 4;
 
 /// The agent's first frame: proof it started and speaks this protocol.
 #[derive(Serialize, Deserialize, Debug)]
@@ -67,6 +67,9 @@ pub enum Request {
     Receive {
         root: Vec<u8>,
         plan: Plan,
+        /// Keep setuid/setgid bits on root-owned files; else the receiver drops them,
+        /// whatever the stream's headers say.
+        keep_setuid: bool,
     },
     /// Free space of the file system that holds `root` (or its nearest existing ancestor).
     Space {

@@ -64,10 +64,14 @@ pub fn serve() -> Result<i32> {
             Request::Space { root } => {
                 write_frame(&mut out, &text(space(path(&root))))?;
             }
-            Request::Receive { root, plan } => {
+            Request::Receive {
+                root,
+                plan,
+                keep_setuid,
+            } => {
                 drop(out);
                 let mut chunks = ChunkReader::new(io::stdin());
-                let received = do_receive(path(&root), &plan, &mut chunks, &stdout);
+                let received = do_receive(path(&root), &plan, keep_setuid, &mut chunks, &stdout);
                 let failed = received.is_err();
                 let event = match received {
                     Ok(stats) => ReceiveEvent::Done(stats),
@@ -288,12 +292,14 @@ fn do_send(root: &Path, items: &[SendItem], level: i32, out: impl Write) -> Resu
 fn do_receive(
     root: &Path,
     plan: &Plan,
+    keep_setuid: bool,
     input: &mut ChunkReader<io::Stdin>,
     stdout: &io::Stdout,
 ) -> Result<crate::sync::receive::ReceiveStats> {
     let tree = Tree::open(root)?;
     let cache = HashCache::open(root);
-    let receiver = Receiver::new(tree, plan, cache, Durability::from_env());
+    let receiver =
+        Receiver::new(tree, plan, cache, Durability::from_env()).keep_setuid(keep_setuid);
     receiver.run(input, |p| {
         let _ = write_frame(&mut stdout.lock(), &ReceiveEvent::Progress(p));
     })

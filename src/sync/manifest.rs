@@ -58,6 +58,15 @@ impl Meta {
     }
 }
 
+/// Of a regular file's `mode`, the bits that make it run as root: setuid with owner root,
+/// setgid with group root. A mirror drops them unless asked to keep them, so a compromised
+/// source cannot plant a root program on the new host.
+pub fn root_setuid_bits(mode: u32, uid: u32, gid: u32) -> u32 {
+    let setuid = if uid == 0 { mode & 0o4000 } else { 0 };
+    let setgid = if gid == 0 { mode & 0o2000 } else { 0 };
+    setuid | setgid
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct Entry {
     /// Path relative to the tree's root, as raw bytes; the root itself is empty.

@@ -12,7 +12,9 @@
 
 use crate::sync::beneath::{remove_at, validate, Tree};
 use crate::sync::hash_cache::{HashCache, Stamp};
-use crate::sync::manifest::{display_path, Digest, Kind, Meta, Skipped, TEMP_PREFIX};
+use crate::sync::manifest::{
+    display_path, root_setuid_bits, Digest, Kind, Meta, Skipped, TEMP_PREFIX,
+};
 use crate::sync::plan::{Plan, ReuseMode, SendItem};
 use crate::sync::scan::hash_reader;
 use crate::sync::stream::{MemberKind, MemberReader, MAX_PAX_HEADER};
@@ -78,6 +80,9 @@ pub struct ReceiveProgress {
 /// Maps owner names to this host's ids; an unknown name keeps the sender's number.
 #[derive(Default)]
 struct Owners {
+    /// Keep setuid/setgid on root-owned files; else they are dropped here, whatever the
+    /// stream's headers say (the controller plans without them too).
+    keep_setuid: bool,
     users: HashMap<String, Option<u32>>,
     groups: HashMap<String, Option<u32>>,
     warned: HashSet<String>,
@@ -173,8 +178,20 @@ fn apply_meta_fd(
         let r = fchown(fd, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)));
         owners.chown_result(r, what)?;
     }
-    if created_by.is_none() || meta.mode & 0o7000 != 0 {
-        fchmod(fd, Mode::from_bits_truncate(meta.mode))
+    let mut mode = meta.mode;
+    let root_bits = root_setuid_bits(mode, uid, gid);
+    if !owners.keep_setuid && root_bits != 0 {
+        let regular = nix::sys::stat::fstat(fd)
+            .with_context(|| format!("reading the type of {what}"))?
+            .st_mode
+            & libc::S_IFMT
+            == libc::S_IFREG;
+        if regular {
+            mode &= !root_bits;
+        }
+    }
+    if created_by.is_none() || mode & 0o7000 != 0 {
+        fchmod(fd, Mode::from_bits_truncate(mode))
             .with_context(|| format!("setting the mode of {what}"))?;
     }
     let [atime, mtime] = mtime_spec(meta);
@@ -430,6 +447,12 @@ impl<'p> Receiver<'p> {
                 nix::unistd::getegid().as_raw(),
             ),
         }
+    }
+
+    /// Keep setuid/setgid bits on root-owned files (off by default).
+    pub fn keep_setuid(mut self, keep: bool) -> Receiver<'p> {
+        self.owners.keep_setuid = keep;
+        self
     }
 
     /// Carries out the plan, reading members from `input` (the zstd-compressed tar stream).
@@ -1201,6 +1224,51 @@ mod tests {
         let ino = |p: &str| std::fs::metadata(t.path().join(p)).unwrap().ino();
         assert_eq!(ino("a"), ino("b"));
         assert_ne!(ino("a"), ino("x"));
+    }
+
+    #[test]
+    fn setuid_and_setgid_root_bits_from_the_stream_are_dropped_unless_kept() {
+        use std::os::unix::fs::PermissionsExt;
+        let members: [(&[u8], u32, u32); 3] = [
+            (b"suid-root", 0o6755, 0),
+            (b"suid-daemon", 0o4755, 1),
+            (b"plain", 0o755, 0),
+        ];
+        let bytes = {
+            let enc = zstd::stream::write::Encoder::new(Vec::new(), 1).unwrap();
+            let mut w = StreamWriter::new(enc);
+            for (path, mode, uid) in members {
+                let m = Meta {
+                    mode,
+                    uid,
+                    gid: uid,
+                    ..meta()
+                };
+                let digest: Digest = Sha256::digest(b"#!/bin/sh\n").into();
+                w.file(path, &m, 10, &digest, &b"#!/bin/sh\n"[..]).unwrap();
+            }
+            w.finish(Trailer::default()).unwrap().finish().unwrap()
+        };
+        let plan = plan_for(&[b"suid-root", b"suid-daemon", b"plain"]);
+        let mode = |dir: &std::path::Path, name: &str| {
+            std::fs::metadata(dir.join(name))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o7777
+        };
+        let t = tempfile::tempdir().unwrap();
+        receive(t.path(), &plan, &bytes).unwrap();
+        assert_eq!(mode(t.path(), "suid-root"), 0o755);
+        assert_eq!(mode(t.path(), "suid-daemon"), 0o4755, "not root's: kept");
+        assert_eq!(mode(t.path(), "plain"), 0o755);
+        let kept = tempfile::tempdir().unwrap();
+        let tree = Tree::open(kept.path()).unwrap();
+        Receiver::new(tree, &plan, HashCache::disabled(), Durability::Syncfs)
+            .keep_setuid(true)
+            .run(&bytes[..], |_| {})
+            .unwrap();
+        assert_eq!(mode(kept.path(), "suid-root"), 0o6755);
     }
 
     #[test]
