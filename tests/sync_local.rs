@@ -799,3 +799,42 @@ fn rsync_flags_get_an_explanation_instead_of_a_bare_usage_error() {
         );
     }
 }
+
+#[test]
+fn the_tee_stream_is_private_never_replaces_a_file_and_never_follows_a_symlink() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = tempfile::tempdir().unwrap();
+    let (src, dest, cache) = (
+        t.path().join("src"),
+        t.path().join("dest"),
+        t.path().join("cache"),
+    );
+    write(&src, b"dkim.private", b"secret key material");
+    let tee = t.path().join("stream.zst");
+    let args = sync_args(&[OsStr::new("--tee-stream"), tee.as_os_str()], &src, &dest);
+    let (code, msg) = run_sync(&args, &cache);
+    assert_eq!(code, Some(0), "{msg}");
+    // It holds every byte sent, secrets included: the owner only, from its creation.
+    assert_eq!(
+        fs::metadata(&tee).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // An existing file is not truncated, a symlink is not followed.
+    let keep = t.path().join("keep");
+    fs::write(&keep, b"someone else's file").unwrap();
+    write(&src, b"more", b"changed");
+    for target in [keep.clone(), t.path().join("via-link")] {
+        if target.ends_with("via-link") {
+            std::os::unix::fs::symlink(&keep, &target).unwrap();
+        }
+        let args = sync_args(
+            &[OsStr::new("--tee-stream"), target.as_os_str()],
+            &src,
+            &dest,
+        );
+        let (code, msg) = run_sync(&args, &cache);
+        assert_eq!(code, Some(1), "{msg}");
+        assert!(msg.contains("--tee-stream"), "{msg}");
+        assert_eq!(fs::read(&keep).unwrap(), b"someone else's file");
+    }
+}
