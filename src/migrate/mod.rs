@@ -150,14 +150,17 @@ impl Node {
             .map_err(|e| anyhow!("{}: {e}", self.role))
     }
 
-    /// Runs `argv`; `Ok(false)` when it exits non-zero.
-    pub async fn test(&self, argv: &[&str]) -> Result<bool> {
-        let ran = self
-            .host
+    /// Runs `argv` and returns its status and output, whatever the status.
+    pub async fn status(&self, argv: &[&str]) -> Result<crate::remote::agent::Ran> {
+        self.host
             .run_status(argv)
             .await
-            .map_err(|e| anyhow!("{}: {e}", self.role))?;
-        Ok(ran.status == 0)
+            .map_err(|e| anyhow!("{}: {e}", self.role))
+    }
+
+    /// Runs `argv`; `Ok(false)` when it exits non-zero.
+    pub async fn test(&self, argv: &[&str]) -> Result<bool> {
+        Ok(self.status(argv).await?.status == 0)
     }
 
     pub async fn close(mut self) -> Result<()> {
@@ -361,7 +364,7 @@ pub async fn run(
             n,
             of: STEPS.len(),
         });
-        if let StepState::Done { facts, .. } = &state {
+        if let StepState::Done { .. } = &state {
             if !forced {
                 if Some(step) != last_done {
                     cx.out.emit(Event::StepSkipped {
@@ -370,7 +373,7 @@ pub async fn run(
                     });
                     continue;
                 }
-                match still_holds(cx, step, facts).await? {
+                match still_holds(cx, step).await? {
                     None => {
                         cx.out.emit(Event::StepSkipped {
                             step: step.id(),
@@ -475,7 +478,7 @@ async fn apply(cx: &mut Cx, journal: &Journal, step: StepId, plan: &Value) -> Re
 }
 
 /// `None` when what `step` did still holds on the hosts, else why not.
-async fn still_holds(cx: &mut Cx, step: StepId, facts: &Value) -> Result<Option<String>> {
+async fn still_holds(cx: &mut Cx, step: StepId) -> Result<Option<String>> {
     match step {
         // Repeatable while old serves mail: each pass leaves less for the final one.
         StepId::Presync => Ok(Some("old still serves mail".into())),
@@ -490,10 +493,7 @@ async fn still_holds(cx: &mut Cx, step: StepId, facts: &Value) -> Result<Option<
         ),
         StepId::ActivateNew => services::units_running(&cx.new, &cx.profile).await,
         // Read-only or reporting steps: what they found is not undone by time.
-        _ => {
-            let _ = facts;
-            Ok(None)
-        }
+        _ => Ok(None),
     }
 }
 

@@ -3,7 +3,7 @@
 //! The knowledge lives here and nowhere else (sources: research/migrate.md §1.4 and §3).
 
 use crate::config::{Config, ProfileName};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// A directory that moves as it is (contents, owners by name, modes, mtimes, links).
 #[derive(Debug, Clone)]
@@ -163,6 +163,12 @@ impl Profile {
             ))),
             dkim_key: PathBuf::from("/etc/dkimkeys/opendkim.private"),
         }
+    }
+
+    /// The Maildirs: always the first tree (Dovecot's view is read there, and a rollback
+    /// carries it back).
+    pub fn mailboxes(&self) -> &Path {
+        &self.trees[0].path
     }
 
     /// The units whose state `disable_old` records and `rollback` restores.

@@ -118,7 +118,7 @@ async fn stop_new(cx: &mut Cx) -> Result<Value> {
 /// New → old: the mailboxes and the queue as new has them (a superset of what old had at
 /// the final sync, plus what new accepted since).
 async fn sync_back(cx: &mut Cx) -> Result<Value> {
-    let mail_root = cx.profile.trees[0].path.clone();
+    let mail_root = cx.profile.mailboxes().to_path_buf();
     let queue = cx.profile.queue.clone();
     let mut lines = Vec::new();
     for (root, excludes) in [

@@ -14,23 +14,14 @@ use std::time::{Duration, Instant};
 pub async fn observe_units(node: &Node, profile: &Profile) -> Result<Value> {
     let mut units = serde_json::Map::new();
     for unit in profile.units() {
-        let enabled = node
-            .host
-            .run_status(&["systemctl", "is-enabled", unit])
-            .await;
+        // Both print their answer whatever their exit status ("disabled", "inactive").
+        let enabled = node.status(&["systemctl", "is-enabled", unit]).await?;
         let active = node
-            .host
-            .run_status(&["systemctl", "is-active", active_unit(profile, unit)])
-            .await;
-        let word = |r: std::result::Result<crate::remote::agent::Ran, _>| -> Result<String> {
-            let ran = r.map_err(|e: crate::remote::agent::RunError| {
-                anyhow::anyhow!("{}: {e}", node.role)
-            })?;
-            Ok(ran.stdout.trim().to_string())
-        };
+            .status(&["systemctl", "is-active", active_unit(profile, unit)])
+            .await?;
         units.insert(
             unit.to_string(),
-            json!({"enabled": word(enabled)?, "active": word(active)?}),
+            json!({"enabled": enabled.stdout.trim(), "active": active.stdout.trim()}),
         );
     }
     Ok(json!({ "units": units }))

@@ -379,7 +379,7 @@ async fn ids(node: &crate::migrate::Node, account: &str) -> Result<(String, Stri
 /// every UID old had, for the same file; it may have more.
 pub async fn verify(cx: &mut Cx, journal: &Journal) -> Result<Value> {
     let step = StepId::Verify;
-    let mail_root = cx.profile.trees[0].path.to_string_lossy().into_owned();
+    let mail_root = cx.profile.mailboxes().to_string_lossy().into_owned();
     let old = uid_lists(&cx.old, &mail_root).await?;
     let new = uid_lists(&cx.new, &mail_root).await?;
     let mut problems = Vec::new();
