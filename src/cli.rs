@@ -3,11 +3,19 @@
 
 use clap::{Parser, Subcommand};
 
+/// `relaymove --version`: which build runs on a host matters when agents and controllers meet.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("RELAYMOVE_COMMIT"),
+    ")"
+);
+
 /// Move a self-hosted mail server from one Debian host to another, verified.
 #[derive(Parser, Debug)]
 #[command(
     name = "relaymove",
-    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("RELAYMOVE_COMMIT"), ")"),
+    version = VERSION,
     about,
     propagate_version = true
 )]
@@ -26,4 +34,6 @@ pub enum Command {
     Dns(crate::commands::dns::DnsCmd),
     #[command(hide = true)]
     Agent(crate::commands::agent::AgentCmd),
+    #[command(hide = true)]
+    Generate(crate::commands::generate::GenerateCmd),
 }

@@ -338,6 +338,15 @@ tsig_secret_file = "/x"
         assert_eq!(c.hosts.new.addresses().len(), 2);
     }
 
+    /// The .deb ships it as the starting point: it must stay a config relaymove accepts.
+    #[test]
+    fn the_shipped_example_parses() {
+        let c = Config::parse(include_str!("../examples/relaymove.toml")).unwrap();
+        assert_eq!(c.domain, "mail.example.org");
+        assert_eq!(c.hosts.old.addresses().len(), 2);
+        assert_eq!(c.dns.provider, Provider::Rfc2136);
+    }
+
     #[test]
     fn an_unknown_key_is_named_with_its_line() {
         let text = GOOD.replace("zone = ", "zonee = \"x\"\nzone = ");

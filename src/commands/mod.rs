@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod dns;
+pub mod generate;
 pub mod migrate;
 pub mod sync;
 
@@ -17,5 +18,6 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Sync(cmd) => sync::run(cmd),
         Command::Dns(cmd) => dns::run(cmd),
         Command::Agent(cmd) => agent::run(cmd),
+        Command::Generate(cmd) => generate::run(cmd),
     }
 }
