@@ -44,8 +44,8 @@ pub struct MigrateCmd {
     #[arg(long, short = 'y')]
     pub yes: bool,
     /// Stop after this step (e.g. `presync`, repeatable while old serves mail). Steps:
-    /// preflight, presync, prepare_new, disable_old, final_sync, ownership, dns_cutover,
-    /// activate_new, verify, finish.
+    /// preflight, presync, prepare_new, freeze_old, final_sync, ownership, activate_new,
+    /// forward_old, dns_cutover, verify, drain_old, finish.
     #[arg(long, value_name = "STEP")]
     pub until: Option<String>,
     /// Run this step and the ones after it again, even if the journal says they are done.
@@ -227,15 +227,18 @@ async fn plan_of(cx: &mut Cx) -> Result<bool> {
                     None => String::new(),
                 }
             )],
-            StepId::DisableOld => vec![
-                format!("stop on old in this order: {}; disable them; ports {:?} must close", p.stop_order.join(", "), p.ports),
-                "mail is down from here until activate_new: senders keep their mail and retry".into(),
+            StepId::FreezeOld => vec![
+                format!(
+                    "Postfix on old reloaded with every delivery transport in defer_transports: it accepts mail on ports {:?} and delivers none; stop and disable on old: {}",
+                    p.smtp_ports,
+                    p.stopped_at_freeze().join(", ")
+                ),
+                "no sender is refused or deferred; IMAP is down from here until activate_new".into(),
             ],
             StepId::FinalSync => vec![
                 format!(
-                    "every tree again with deletes, then {} without {}; postsuper -s, postfix set-permissions, postfix check on new",
-                    p.queue.display(),
-                    p.queue_excludes.join(" ")
+                    "every tree again with deletes, then {} (mail on hold stays on hold); postsuper -s, postfix set-permissions, postfix check on new",
+                    p.hold_queue.display(),
                 ),
                 match presync_s {
                     Some(s) => format!("the last presync took {s}s; the final pass carries only what changed since"),
@@ -244,14 +247,21 @@ async fn plan_of(cx: &mut Cx) -> Result<bool> {
                 "then every file compared by SHA-256 on both hosts, owners by name, modes, mtimes, links".into(),
             ],
             StepId::Ownership => vec![format!("owners of {} checked; ids of {} mapped by name", p.trees.iter().filter(|t| t.owner.is_some()).map(|t| t.path.display().to_string()).collect::<Vec<_>>().join(", "), p.accounts.join(", "))],
-            StepId::DnsCutover => dns.clone(),
             StepId::ActivateNew => vec![format!(
                 "daemon-reload; enable and restart on new in this order: {}; ports {:?} answer; certificate and DKIM key checked",
                 p.start_order.join(", "),
                 p.ports
             )],
+            StepId::ForwardOld => vec![format!(
+                "Postfix on old reloaded with transport {}:[{}]:25 for {}: what it accepted during the freeze, and what senders still bring, goes to new",
+                migrate::postfix::FORWARD,
+                cx.config.hosts.new.addresses().first().map(|a| a.to_string()).unwrap_or_else(|| "new's address".into()),
+                cx.config.domain.trim_end_matches('.')
+            )],
+            StepId::DnsCutover => dns.clone(),
             StepId::Verify => vec!["UIDVALIDITY and every UID of every mailbox as on old; held mail still held".into()],
-            StepId::Finish => vec!["disable old's acmetool/certbot timer; print when `relaymove dns raise-ttl` is safe".into()],
+            StepId::DrainOld => vec!["old forwards until resolvers can no longer hold its address (the TTL of the records dns_cutover replaces, shown above, from the cutover on) and its queue is empty; waits up to 15 min, else `relaymove migrate` again finishes later".into()],
+            StepId::Finish => vec!["stop and disable Postfix and OpenDKIM on old, its Postfix configuration as before the move; disable old's acmetool/certbot timer; print when `relaymove dns raise-ttl` is safe".into()],
         };
         cx.out.emit(Event::StepStarted {
             step: step.id(),
@@ -332,13 +342,14 @@ pub fn status(cmd: StatusCmd) -> Result<i32> {
         let old = migrate::services::units_running(&cx.old, &cx.profile).await;
         let new = migrate::services::units_running(&cx.new, &cx.profile).await;
         let dns = change::pending(&cx.config, Direction::Cutover).await;
+        let forwarding = forwarding(&cx, records).await;
         let _ = cx.close().await;
         let show = |r: Result<Option<String>>| match r {
             Ok(None) => "serves mail".to_string(),
             Ok(Some(why)) => why,
             Err(e) => format!("unknown: {e:#}"),
         };
-        json!({
+        let mut now = json!({
             "old": show(old),
             "new": show(new),
             "dns": match dns {
@@ -346,7 +357,13 @@ pub fn status(cmd: StatusCmd) -> Result<i32> {
                 Ok(_) => format!("{} does not point at new", config.domain),
                 Err(e) => format!("unknown: {e:#}"),
             },
-        })
+        });
+        match forwarding {
+            Ok(Some(text)) => now["forwarding"] = json!(text),
+            Ok(None) => {}
+            Err(e) => now["forwarding"] = json!(format!("unknown: {e:#}")),
+        }
+        now
     });
     if out.json() {
         println!(
@@ -384,8 +401,53 @@ pub fn status(cmd: StatusCmd) -> Result<i32> {
     println!("now:");
     if let Some(obj) = now.as_object() {
         for (k, v) in obj {
-            println!("  {k:<5} {}", v.as_str().unwrap_or(""));
+            println!("  {k:<10} {}", v.as_str().unwrap_or(""));
         }
     }
     Ok(0)
+}
+
+/// While old forwards (from forward_old until finish): what still reaches it, from which
+/// sending hosts, and whether it can be retired. `None` outside that phase.
+async fn forwarding(cx: &Cx, records: &[journal::Record]) -> Result<Option<String>> {
+    let done = |step: StepId| match journal::state_of(records, step.id()) {
+        StepState::Done { facts, .. } => Some(facts),
+        _ => None,
+    };
+    let Some(forward) = done(StepId::ForwardOld) else {
+        return Ok(None);
+    };
+    if done(StepId::Finish).is_some()
+        || migrate::postfix::mode(&cx.old).await? != migrate::postfix::Mode::Forward
+    {
+        return Ok(None);
+    }
+    let since = forward
+        .get("since")
+        .and_then(Value::as_u64)
+        .unwrap_or_default();
+    let arrivals = migrate::forwarded::since(&cx.old, since).await?;
+    let queued = migrate::postfix::waiting(&cx.old).await?;
+    let until = done(StepId::DnsCutover).and_then(|f| {
+        f.pointer("/switched/old_answers_until")
+            .and_then(Value::as_u64)
+    });
+    let now = migrate::now_unix();
+    let last = arrivals.iter().map(|a| a.last).max().unwrap_or(since);
+    let verdict = match until {
+        Some(t) if t > now => format!(
+            "resolvers may send mail to old until {}: keep it forwarding",
+            crate::commands::dns::utc(t)
+        ),
+        None => "the DNS cutover is not done: keep old forwarding".into(),
+        Some(_) if queued > 0 => format!("{queued} message(s) still queued on old"),
+        Some(_) => format!(
+            "nothing for {}s and the old TTL has run out: old can be retired (`relaymove migrate` finishes)",
+            now.saturating_sub(last)
+        ),
+    };
+    Ok(Some(format!(
+        "{}; {queued} queued; {verdict}",
+        migrate::forwarded::describe(&arrivals)
+    )))
 }

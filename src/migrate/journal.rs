@@ -307,18 +307,18 @@ mod tests {
         let records = vec![
             Record::Started {
                 at: 1,
-                step: "disable_old".into(),
+                step: "freeze_old".into(),
                 plan: serde_json::json!({"first": true}),
             },
             Record::Started {
                 at: 2,
-                step: "disable_old".into(),
+                step: "freeze_old".into(),
                 plan: serde_json::json!({"first": false}),
             },
             Record::RolledBack { at: 3 },
         ];
         assert_eq!(
-            first_plan(&records, "disable_old"),
+            first_plan(&records, "freeze_old"),
             Some(&serde_json::json!({"first": true}))
         );
         assert!(current(&records).is_empty());

@@ -6,7 +6,9 @@
 //! when it is the last one done, and redone when it no longer holds: what the hosts show
 //! beats what the journal says. State between steps lives in the journal, never in memory.
 
+pub mod forwarded;
 pub mod journal;
+pub mod postfix;
 pub mod preflight;
 pub mod profile;
 pub mod rollback;
@@ -30,27 +32,33 @@ use std::time::Instant;
 /// - preflight first: nothing changes before every finding is known.
 /// - presync while old still serves mail: the bulk moves without downtime; the final pass
 ///   only carries what changed since.
-/// - prepare_new before disable_old: new's stock daemons must not accept mail, and the
+/// - prepare_new before freeze_old: new's stock daemons must not accept mail, and the
 ///   configure hook may take minutes, which must not count as downtime.
-/// - disable_old before final_sync: the trees and the queue must stop changing, or the
-///   final pass misses mail (and Dovecot's UID lists would diverge).
-/// - final_sync before dns_cutover: DNS moves only once new holds every byte, proven.
-/// - ownership after final_sync: it checks what the sync wrote.
-/// - dns_cutover before activate_new: if the DNS update fails, new has served nobody, and a
-///   rollback has no mail to carry back. One host is live at any time.
-/// - activate_new: OpenDKIM, then Dovecot (auth and LMTP sockets), then Postfix.
+/// - freeze_old before final_sync: the mailboxes must stop changing, or the final pass misses
+///   mail (and Dovecot's UID lists would diverge). Old keeps accepting mail meanwhile and
+///   delivers none: no sender is refused or deferred.
+/// - final_sync, then ownership: it checks what the sync wrote.
+/// - activate_new before forward_old and dns_cutover: whatever reaches new, by forwarding or
+///   by DNS, finds it serving.
+/// - forward_old before dns_cutover: what old accepted during the freeze goes to new, and so
+///   does whatever senders still deliver to old's address after the cutover.
+/// - dns_cutover once new serves and old forwards: at no moment does a sender find nobody.
 /// - verify after activate: Dovecot's view is read on the running new host.
-/// - finish last: old stays intact and disabled for a rollback.
-pub const STEPS: [StepId; 10] = [
+/// - drain_old: old forwards until no resolver can still hold its address, and its queue is
+///   empty.
+/// - finish last: old stops, its Postfix configuration as it was, disabled for a rollback.
+pub const STEPS: [StepId; 12] = [
     StepId::Preflight,
     StepId::Presync,
     StepId::PrepareNew,
-    StepId::DisableOld,
+    StepId::FreezeOld,
     StepId::FinalSync,
     StepId::Ownership,
-    StepId::DnsCutover,
     StepId::ActivateNew,
+    StepId::ForwardOld,
+    StepId::DnsCutover,
     StepId::Verify,
+    StepId::DrainOld,
     StepId::Finish,
 ];
 
@@ -59,12 +67,14 @@ pub enum StepId {
     Preflight,
     Presync,
     PrepareNew,
-    DisableOld,
+    FreezeOld,
     FinalSync,
     Ownership,
-    DnsCutover,
     ActivateNew,
+    ForwardOld,
+    DnsCutover,
     Verify,
+    DrainOld,
     Finish,
 }
 
@@ -75,12 +85,14 @@ impl StepId {
             StepId::Preflight => "preflight",
             StepId::Presync => "presync",
             StepId::PrepareNew => "prepare_new",
-            StepId::DisableOld => "disable_old",
+            StepId::FreezeOld => "freeze_old",
             StepId::FinalSync => "final_sync",
             StepId::Ownership => "ownership",
-            StepId::DnsCutover => "dns_cutover",
             StepId::ActivateNew => "activate_new",
+            StepId::ForwardOld => "forward_old",
+            StepId::DnsCutover => "dns_cutover",
             StepId::Verify => "verify",
+            StepId::DrainOld => "drain_old",
             StepId::Finish => "finish",
         }
     }
@@ -90,19 +102,19 @@ impl StepId {
             StepId::Preflight => "check both hosts, the DNS and the plan; change nothing",
             StepId::Presync => "first copy of every tree while old serves mail (repeatable)",
             StepId::PrepareNew => "new's mail daemons stopped; the configure hook, if any",
-            StepId::DisableOld => {
-                "old stops accepting mail: Postfix, then Dovecot and OpenDKIM, disabled"
-            }
+            StepId::FreezeOld => "old keeps accepting mail and delivers none; Dovecot stops on old",
             StepId::FinalSync => {
-                "final pass of every tree and the Postfix queue, then proof by SHA-256"
+                "final pass of every tree and the held queue, then proof by SHA-256"
             }
             StepId::Ownership => "owners by name on new, uid/gid mappings",
-            StepId::DnsCutover => "A/AAAA to new, on every authoritative server",
             StepId::ActivateNew => {
                 "new starts: OpenDKIM, Dovecot, Postfix; ports, certificate, DKIM key"
             }
+            StepId::ForwardOld => "old forwards all mail for the domain to new",
+            StepId::DnsCutover => "A/AAAA to new, on every authoritative server",
             StepId::Verify => "Dovecot's view on new against old's files; held mail",
-            StepId::Finish => "old stays disabled for rollback; when to raise the TTL",
+            StepId::DrainOld => "old forwards until no resolver can hold its address",
+            StepId::Finish => "old stops, disabled, its configuration as it was",
         }
     }
 
@@ -343,8 +355,8 @@ pub async fn run(
         if stop.load(Ordering::SeqCst) {
             let hint = format!(
                 "run `relaymove migrate` again to continue{}",
-                if step > StepId::DisableOld {
-                    "; old is disabled, `relaymove rollback` returns service to it"
+                if step > StepId::FreezeOld {
+                    "; `relaymove rollback` returns service to old"
                 } else {
                     ""
                 }
@@ -387,7 +399,7 @@ pub async fn run(
                 }
             }
         }
-        if step == StepId::DisableOld {
+        if step == StepId::FreezeOld {
             dns_gate(cx, stop).await?;
             confirm(cx)?;
         }
@@ -398,7 +410,7 @@ pub async fn run(
             step: step.id().to_string(),
             plan: plan.clone(),
         })?;
-        match apply(cx, journal, step, &plan).await {
+        match apply(cx, journal, step, &plan, stop).await {
             Ok(facts) => {
                 let summary = facts
                     .get("summary")
@@ -427,8 +439,8 @@ pub async fn run(
                     step: step.id(),
                     error: &error,
                 });
-                let after = if step > StepId::DisableOld {
-                    "; old is disabled: `relaymove rollback` returns service to it"
+                let after = if step > StepId::FreezeOld {
+                    "; old still accepts mail: `relaymove rollback` returns service to it"
                 } else {
                     ""
                 };
@@ -454,7 +466,7 @@ async fn observe(cx: &mut Cx, journal: &Journal, step: StepId) -> Result<Value> 
     match step {
         // Rollback restores what old ran before the migration touched it: the first
         // observation, not the half-disabled state a re-run would see.
-        StepId::DisableOld => match journal::first_plan(journal.current(), step.id()) {
+        StepId::FreezeOld => match journal::first_plan(journal.current(), step.id()) {
             Some(first) => Ok(first.clone()),
             None => services::observe_units(&cx.old, &cx.profile).await,
         },
@@ -462,17 +474,25 @@ async fn observe(cx: &mut Cx, journal: &Journal, step: StepId) -> Result<Value> 
     }
 }
 
-async fn apply(cx: &mut Cx, journal: &Journal, step: StepId, plan: &Value) -> Result<Value> {
+async fn apply(
+    cx: &mut Cx,
+    journal: &Journal,
+    step: StepId,
+    plan: &Value,
+    stop: &Arc<AtomicBool>,
+) -> Result<Value> {
     match step {
         StepId::Preflight => preflight::apply(cx).await,
         StepId::Presync => trees::presync(cx).await,
         StepId::PrepareNew => services::prepare_new(cx).await,
-        StepId::DisableOld => services::disable_old(cx, plan).await,
+        StepId::FreezeOld => services::freeze_old(cx, plan).await,
         StepId::FinalSync => trees::final_sync(cx).await,
         StepId::Ownership => trees::ownership(cx).await,
-        StepId::DnsCutover => dns_cutover(cx).await,
         StepId::ActivateNew => services::activate_new(cx).await,
+        StepId::ForwardOld => services::forward_old(cx).await,
+        StepId::DnsCutover => dns_cutover(cx).await,
         StepId::Verify => trees::verify(cx, journal).await,
+        StepId::DrainOld => services::drain_old(cx, journal, stop).await,
         StepId::Finish => finish(cx, journal).await,
     }
 }
@@ -483,7 +503,7 @@ async fn still_holds(cx: &mut Cx, step: StepId) -> Result<Option<String>> {
         // Repeatable while old serves mail: each pass leaves less for the final one.
         StepId::Presync => Ok(Some("old still serves mail".into())),
         StepId::PrepareNew => services::units_stopped(&cx.new, &cx.profile).await,
-        StepId::DisableOld => services::units_stopped(&cx.old, &cx.profile).await,
+        StepId::FreezeOld => services::still_frozen(cx).await,
         StepId::FinalSync => trees::still_equal(cx).await,
         StepId::DnsCutover => Ok(
             match change::pending(&cx.config, Direction::Cutover).await? {
@@ -492,6 +512,7 @@ async fn still_holds(cx: &mut Cx, step: StepId) -> Result<Option<String>> {
             },
         ),
         StepId::ActivateNew => services::units_running(&cx.new, &cx.profile).await,
+        StepId::ForwardOld => services::still_forwarding(cx).await,
         // Read-only or reporting steps: what they found is not undone by time.
         _ => Ok(None),
     }
@@ -502,7 +523,7 @@ async fn still_holds(cx: &mut Cx, step: StepId) -> Result<Option<String>> {
 async fn dns_gate(cx: &Cx, stop: &Arc<AtomicBool>) -> Result<()> {
     /// Longer than this and the operator is told to come back.
     const MAX_WAIT: u64 = 15 * 60;
-    let step = StepId::DisableOld;
+    let step = StepId::FreezeOld;
     if change::pending(&cx.config, Direction::Cutover).await? == 0 {
         return Ok(());
     }
@@ -562,7 +583,7 @@ fn confirm(cx: &Cx) -> Result<()> {
         bail!("the next step takes mail down on old, and there is no terminal to confirm it\nhint: pass --yes");
     }
     eprint!(
-        "\nold ({}) stops accepting mail now; new takes over after the final sync. Go on? [y/N] ",
+        "\nold ({}) stops delivering mail now (it keeps accepting it; IMAP is down until new takes over after the final sync). Go on? [y/N] ",
         cx.old.host.label()
     );
     std::io::stderr().flush().ok();
@@ -609,6 +630,7 @@ async fn finish(cx: &mut Cx, journal: &Journal) -> Result<Value> {
             cx.note(step, &format!("{timer} disabled on old"));
         }
     }
+    services::retire_old(cx).await?;
     let until = match journal::state_of(journal.current(), StepId::DnsCutover.id()) {
         StepState::Done { facts, .. } => facts
             .pointer("/switched/old_answers_until")
@@ -616,16 +638,16 @@ async fn finish(cx: &mut Cx, journal: &Journal) -> Result<Value> {
         _ => None,
     };
     let raise = match until {
-        Some(t) => format!(
+        Some(t) if t > now_unix() => format!(
             "run `relaymove dns raise-ttl` after {} (resolvers may hold old's address until then)",
             crate::commands::dns::utc(t)
         ),
-        None => "run `relaymove dns raise-ttl` when you are sure you keep new".to_string(),
+        _ => "run `relaymove dns raise-ttl` when you are sure you keep new".to_string(),
     };
     cx.note(step, &raise);
     cx.note(
         step,
-        "old stays as it is, mail disabled: `relaymove rollback` returns service to it",
+        "old is stopped and disabled, its configuration as it was: `relaymove rollback` returns service to it",
     );
     Ok(json!({"summary": "moved", "raise_ttl": raise}))
 }

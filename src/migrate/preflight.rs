@@ -172,7 +172,7 @@ pub async fn check(cx: &mut Cx) -> Result<(Vec<Finding>, Value)> {
     let paths: Vec<String> = trees
         .iter()
         .map(|t| t.path.to_string_lossy().into_owned())
-        .chain([cx.profile.queue.to_string_lossy().into_owned()])
+        .chain([cx.profile.hold_queue.to_string_lossy().into_owned()])
         .collect();
     let (old_sizes, new_sizes) = (sizes(&cx.old, &paths).await?, sizes(&cx.new, &paths).await?);
     let mut argv = vec!["sh", "-c", FREE, "sh"];
@@ -221,11 +221,26 @@ pub async fn check(cx: &mut Cx) -> Result<(Vec<Finding>, Value)> {
         }
     }
 
+    // Old forwards with an inline: transport map from forward_old on (Postfix 3.0 and later).
+    let maps = cx.old.run(&["postconf", "-m"]).await?;
+    if maps.lines().any(|m| m.trim() == "inline") {
+        f.push(Finding::ok(
+            "forwarding",
+            "old's Postfix has inline: maps: it can hold mail during the freeze and forward it to new".to_string(),
+        ));
+    } else {
+        f.push(Finding::fail(
+            "forwarding",
+            "old's Postfix has no inline: map type (`postconf -m`): it cannot forward to new after the cutover".to_string(),
+            "upgrade Postfix on old to 3.0 or later",
+        ));
+    }
+
     // New must not already be a live mail server: the final pass would replace its mail.
     let serving = crate::migrate::services::units_stopped(&cx.new, &cx.profile).await?;
     let new_ip = cx.config.hosts.new.addresses().first().copied();
     let open = match new_ip {
-        Some(ip) => crate::migrate::services::open_ports(ip, &cx.profile).await,
+        Some(ip) => crate::migrate::services::open_ports(ip, cx.profile.ports).await,
         None => Vec::new(),
     };
     if serving.is_some() && open.contains(&25) {

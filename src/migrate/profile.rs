@@ -1,5 +1,5 @@
 //! What a move carries for each kind of mail server: the trees, who must own them, the
-//! Postfix queue and its excludes, and the units in the order they stop and start.
+//! held Postfix queue, and the units in the order they stop and start.
 //! The knowledge lives here and nowhere else (sources: research/migrate.md §1.4 and §3).
 
 use crate::config::{Config, ProfileName};
@@ -31,19 +31,16 @@ pub struct Profile {
     pub owned: Vec<Owned>,
     /// Users and groups whose ids may differ between the hosts; reported.
     pub accounts: &'static [&'static str],
-    /// `/var/spool/postfix`: moved in the final sync only, Postfix stopped on both hosts.
-    pub queue: PathBuf,
-    /// What under the queue is not queue: Postfix's chroot copies (dev, etc, lib, usr), its
-    /// sockets (private, public, and OpenDKIM's) and the pid directory. Excluded paths are
-    /// neither sent nor deleted, so new keeps its own.
-    pub queue_excludes: &'static [&'static str],
+    /// Postfix's hold queue: mail an administrator put on hold, moved in the final sync to
+    /// stay held on new. The rest of old's queue stays on old, which forwards it to new
+    /// (moving it would need old's Postfix stopped, and senders refused).
+    pub hold_queue: PathBuf,
     /// Units in stop order. Postfix first: it stops accepting mail while Dovecot still
     /// takes the last LMTP deliveries of the queue; OpenDKIM last.
     pub stop_order: &'static [&'static str],
-    /// Units of `stop_order` old may stop in the background while the final sync runs:
-    /// they touch none of the moved trees (OpenDKIM only signs outgoing mail, and takes
-    /// seconds to stop).
-    pub stop_in_background: &'static [&'static str],
+    /// Units that keep running on old from the freeze to the finish: Postfix accepts mail
+    /// (and forwards it), OpenDKIM is its milter.
+    pub accepting: &'static [&'static str],
     /// Units in start order: OpenDKIM before Postfix (its milter socket), Dovecot before
     /// Postfix (auth and LMTP sockets).
     pub start_order: &'static [&'static str],
@@ -51,21 +48,13 @@ pub struct Profile {
     pub postfix_unit: &'static str,
     /// Ports that answer while the host serves mail.
     pub ports: &'static [u16],
+    /// Of `ports`, those Postfix answers on (old keeps them open until the finish).
+    pub smtp_ports: &'static [u16],
     /// The certificate the mail daemons serve, relative to the domain (acmetool layout).
     pub certificate: Option<PathBuf>,
     pub dkim_key: PathBuf,
 }
 
-const QUEUE_EXCLUDES: &[&str] = &[
-    "/dev",
-    "/etc",
-    "/lib",
-    "/usr",
-    "/pid",
-    "/private",
-    "/public",
-    "/opendkim",
-];
 const STOP: &[&str] = &["postfix", "dovecot", "opendkim"];
 const START: &[&str] = &["opendkim", "dovecot", "postfix"];
 const PORTS: &[u16] = &[25, 465, 587, 143, 993];
@@ -151,13 +140,13 @@ impl Profile {
                 ProfileName::Chatmail => &["vmail", "opendkim", "postfix", "postdrop"],
                 ProfileName::Classic => &["vmail", "opendkim", "postfix", "postdrop", "dovecot"],
             },
-            queue: PathBuf::from("/var/spool/postfix"),
-            queue_excludes: QUEUE_EXCLUDES,
+            hold_queue: PathBuf::from("/var/spool/postfix/hold"),
             stop_order: STOP,
-            stop_in_background: &["opendkim"],
+            accepting: &["postfix", "opendkim"],
             start_order: START,
             postfix_unit: "postfix@-",
             ports: PORTS,
+            smtp_ports: &[25, 465, 587],
             certificate: Some(PathBuf::from(format!(
                 "/var/lib/acme/live/{domain}/fullchain"
             ))),
@@ -171,13 +160,18 @@ impl Profile {
         &self.trees[0].path
     }
 
-    /// The units whose state `disable_old` records and `rollback` restores.
+    /// The units whose state `freeze_old` records and `rollback` restores.
     pub fn units(&self) -> Vec<&'static str> {
         self.stop_order.to_vec()
     }
 
-    pub fn queue_excludes(&self) -> Vec<String> {
-        self.queue_excludes.iter().map(|s| s.to_string()).collect()
+    /// The units old stops at the freeze: those it needs to neither accept nor sign.
+    pub fn stopped_at_freeze(&self) -> Vec<&'static str> {
+        self.stop_order
+            .iter()
+            .copied()
+            .filter(|u| !self.accepting.contains(u))
+            .collect()
     }
 }
 
@@ -208,7 +202,7 @@ zone = "example.org"
         );
         assert_eq!(p.stop_order.first(), Some(&"postfix"));
         assert_eq!(p.start_order.last(), Some(&"postfix"));
-        assert!(p.queue_excludes.contains(&"/private"));
+        assert_eq!(p.stopped_at_freeze(), ["dovecot"]);
     }
 
     #[test]

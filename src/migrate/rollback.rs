@@ -1,33 +1,41 @@
-//! `relaymove rollback`: service back to old, from whatever step the migration reached.
+//! `relaymove rollback`: service back to old, from whatever step the migration reached,
+//! without a sender meeting a refusal.
 //!
-//! Order: new stops taking mail first; then what new accepted meanwhile (mailboxes and queue)
-//! goes back to old, while both are stopped; then DNS back by compare-and-swap; then old's
-//! units exactly as the journal recorded them before the move. Each part is journaled, so an
-//! interrupted rollback resumes without repeating a part that is done (syncing back again
-//! after old took new mail would lose that mail).
+//! Order: old first accepts mail again without forwarding it (frozen: it keeps what comes
+//! until it is whole again); DNS back by compare-and-swap; new forwards what it has for the
+//! domain to old, then stops; the mailboxes new wrote come back to old while Dovecot is
+//! stopped on both; then old's configuration and units exactly as the journal recorded them
+//! before the move, and old delivers what it kept. Each part is journaled, so an interrupted
+//! rollback resumes without repeating a part that is done (syncing back again after old
+//! took new mail would lose that mail).
 
 use crate::dns::change::{self, Direction};
 use crate::migrate::journal::{self, Journal, Record, StepState};
-use crate::migrate::{now_unix, services, Cx, StepId};
+use crate::migrate::{now_unix, postfix, services, Cx, StepId};
 use crate::remote::mirror::{mirror, MirrorOptions, Side};
 use anyhow::{bail, Result};
 use serde_json::{json, Value};
 use std::path::PathBuf;
+use std::time::Duration;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Part {
+    FreezeOld,
+    DnsBack,
+    NewForwards,
     StopNew,
     SyncBack,
-    DnsBack,
     StartOld,
 }
 
 impl Part {
     fn id(self) -> &'static str {
         match self {
+            Part::FreezeOld => "rollback_freeze_old",
+            Part::DnsBack => "rollback_dns",
+            Part::NewForwards => "rollback_new_forwards",
             Part::StopNew => "rollback_stop_new",
             Part::SyncBack => "rollback_sync_back",
-            Part::DnsBack => "rollback_dns",
             Part::StartOld => "rollback_start_old",
         }
     }
@@ -43,10 +51,18 @@ pub async fn run(cx: &mut Cx, journal: &mut Journal) -> Result<()> {
         bail!("no migration to roll back: the journal {} has no step\nhint: nothing was changed by relaymove", journal.path().display());
     }
     crate::migrate::setup(cx, journal).await?;
+    let frozen = started(&records, StepId::FreezeOld);
     let new_took_mail = started(&records, StepId::ActivateNew);
     let dns_moved = started(&records, StepId::DnsCutover);
-    let before = journal::first_plan(&records, StepId::DisableOld.id()).cloned();
-    for part in [Part::StopNew, Part::SyncBack, Part::DnsBack, Part::StartOld] {
+    let before = journal::first_plan(&records, StepId::FreezeOld.id()).cloned();
+    for part in [
+        Part::FreezeOld,
+        Part::DnsBack,
+        Part::NewForwards,
+        Part::StopNew,
+        Part::SyncBack,
+        Part::StartOld,
+    ] {
         if matches!(
             journal::state_of(&records, part.id()),
             StepState::Done { .. }
@@ -59,11 +75,15 @@ pub async fn run(cx: &mut Cx, journal: &mut Journal) -> Result<()> {
             plan: Value::Null,
         })?;
         let done = match part {
+            Part::FreezeOld if frozen => freeze_old(cx).await,
+            Part::FreezeOld => Ok(json!({"summary": "old was never frozen; it serves mail"})),
+            Part::DnsBack if dns_moved => dns_back(cx).await,
+            Part::DnsBack => Ok(json!({"summary": "DNS was not changed"})),
+            Part::NewForwards if new_took_mail => new_forwards(cx).await,
+            Part::NewForwards => Ok(json!({"summary": "new never took mail"})),
             Part::StopNew => stop_new(cx).await,
             Part::SyncBack if new_took_mail => sync_back(cx).await,
             Part::SyncBack => Ok(json!({"summary": "new never took mail; nothing to carry back"})),
-            Part::DnsBack if dns_moved => dns_back(cx).await,
-            Part::DnsBack => Ok(json!({"summary": "DNS was not changed"})),
             Part::StartOld => start_old(cx, before.as_ref()).await,
         };
         match done {
@@ -90,6 +110,40 @@ pub async fn run(cx: &mut Cx, journal: &mut Journal) -> Result<()> {
     Ok(())
 }
 
+/// Old accepts mail and keeps it (whatever mode it was in: forwarding, or stopped by the
+/// finish), so that it takes over from new before DNS points at it again.
+async fn freeze_old(cx: &mut Cx) -> Result<Value> {
+    postfix::freeze(&cx.old).await?;
+    for unit in cx.profile.start_order {
+        if cx.profile.accepting.contains(unit) {
+            cx.old.run(&["systemctl", "start", unit]).await?;
+        }
+    }
+    if let Some(ip) = cx.config.hosts.old.addresses().first().copied() {
+        wait_smtp(cx, ip).await?;
+    }
+    Ok(json!({"summary": "old accepts mail and keeps it until it serves again"}))
+}
+
+/// New hands what it holds for the domain to old, and delivers nothing more itself.
+async fn new_forwards(cx: &mut Cx) -> Result<Value> {
+    if !cx
+        .new
+        .test(&["systemctl", "is-active", "--quiet", cx.profile.postfix_unit])
+        .await?
+    {
+        return Ok(json!({"summary": "Postfix does not run on new: nothing to forward"}));
+    }
+    let Some(to) = cx.config.hosts.old.addresses().first().copied() else {
+        bail!("[hosts.old] has no ipv4 or ipv6 in the config: new cannot forward to it\nhint: add old's address to the config");
+    };
+    let domain = cx.config.domain.trim_end_matches('.').to_string();
+    let helo = postfix::helo_name(&cx.new, &domain).await?;
+    postfix::forward(&cx.new, &domain, to, &helo).await?;
+    postfix::wait_drained(&cx.new, Duration::from_secs(120)).await?;
+    Ok(json!({"summary": format!("new forwarded its queue for {domain} to old ({to})")}))
+}
+
 async fn stop_new(cx: &mut Cx) -> Result<Value> {
     let units = cx.profile.units();
     for unit in cx.profile.stop_order {
@@ -109,34 +163,25 @@ async fn stop_new(cx: &mut Cx) -> Result<Value> {
     let mut disable = vec!["systemctl", "disable", "--quiet"];
     disable.extend(units.iter().copied());
     cx.new.run(&disable).await?;
+    postfix::restore(&cx.new).await?;
     if let Some(why) = services::units_stopped(&cx.new, &cx.profile).await? {
         bail!("{why} after stopping it");
     }
     Ok(json!({"summary": format!("new stopped and disabled: {}", units.join(", "))}))
 }
 
-/// New → old: the mailboxes and the queue as new has them (a superset of what old had at
-/// the final sync, plus what new accepted since).
+/// New → old: the mailboxes as new has them (a superset of what old had at the final sync,
+/// plus what new delivered since). Dovecot is stopped on both hosts.
 async fn sync_back(cx: &mut Cx) -> Result<Value> {
     let mail_root = cx.profile.mailboxes().to_path_buf();
-    let queue = cx.profile.queue.clone();
-    let mut lines = Vec::new();
-    for (root, excludes) in [
-        (mail_root, Vec::new()),
-        (queue, cx.profile.queue_excludes()),
-    ] {
-        let opts = MirrorOptions {
-            delete: true,
-            excludes,
-            level: 1,
-            progress: cx.options.progress && !cx.out.json(),
-            ..MirrorOptions::default()
-        };
-        let outcome = back(cx, &root, &opts).await?;
-        lines.push(format!("{}: {} files back to old", root.display(), outcome));
-    }
-    cx.old.run(&["postsuper", "-s"]).await?;
-    Ok(json!({"summary": lines.join("; ")}))
+    let opts = MirrorOptions {
+        delete: true,
+        level: 1,
+        progress: cx.options.progress && !cx.out.json(),
+        ..MirrorOptions::default()
+    };
+    let files = back(cx, &mail_root, &opts).await?;
+    Ok(json!({"summary": format!("{}: {files} files back to old", mail_root.display())}))
 }
 
 async fn back(cx: &mut Cx, root: &PathBuf, opts: &MirrorOptions) -> Result<u64> {
@@ -162,12 +207,14 @@ async fn dns_back(cx: &mut Cx) -> Result<Value> {
     )
 }
 
-/// Old's units as they were before `disable_old`: enabled ones enabled, active ones started
-/// (in start order), then its ports answer.
+/// Old's Postfix configuration as it was, and its units as they were before `freeze_old`:
+/// enabled ones enabled, active ones started (in start order); then what it kept meanwhile
+/// is delivered, and port 25 answers.
 async fn start_old(cx: &mut Cx, before: Option<&Value>) -> Result<Value> {
     let Some(units) = before.and_then(|b| b.get("units")) else {
-        return Ok(json!({"summary": "old was never disabled"}));
+        return Ok(json!({"summary": "old was never frozen"}));
     };
+    postfix::restore(&cx.old).await?;
     let was = |unit: &str, key: &str, want: &str| {
         units
             .pointer(&format!("/{unit}/{key}"))
@@ -192,25 +239,32 @@ async fn start_old(cx: &mut Cx, before: Option<&Value>) -> Result<Value> {
         .copied()
         .filter(|u| was(u, "active", "active"))
         .collect();
+    // `start`, not `restart`: Postfix kept running (reloaded by the restore); a restart
+    // would refuse senders for a moment.
     for unit in &start {
-        cx.old.run(&["systemctl", "restart", unit]).await?;
+        cx.old.run(&["systemctl", "start", unit]).await?;
     }
     if start.contains(&"postfix") {
+        cx.old.run(&["postqueue", "-f"]).await?;
         if let Some(ip) = cx.config.hosts.old.addresses().first().copied() {
-            let mut open = Vec::new();
-            for _ in 0..60 {
-                open = services::open_ports(ip, &cx.profile).await;
-                if open.contains(&25) {
-                    break;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-            }
-            if !open.contains(&25) {
-                bail!("old does not answer on port 25 after Postfix started\nhint: `journalctl -u postfix@-` on old");
-            }
+            wait_smtp(cx, ip).await?;
         }
     }
     Ok(
         json!({"summary": format!("old serves mail again: enabled {}, started {}", enable.join(" "), start.join(" "))}),
+    )
+}
+
+/// Waits up to 30 s for port 25 at `ip` to answer.
+async fn wait_smtp(cx: &Cx, ip: std::net::IpAddr) -> Result<()> {
+    for _ in 0..60 {
+        if services::open_ports(ip, &[25]).await.contains(&25) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    bail!(
+        "old ({}) does not answer on port 25\nhint: `journalctl -u postfix@-` on old",
+        cx.old.host.label()
     )
 }

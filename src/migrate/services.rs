@@ -3,11 +3,14 @@
 //! Every unit operation is `systemctl` with arguments, run over SSH; ports are probed from
 //! this machine, the way senders see the hosts.
 
+use crate::migrate::journal::{self, Journal, StepState};
 use crate::migrate::profile::Profile;
-use crate::migrate::{Cx, Node, StepId};
+use crate::migrate::{forwarded, postfix, Cx, Node, StepId};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// `systemctl is-enabled` and `is-active` of each unit, as `{unit: {enabled, active}}`.
@@ -93,10 +96,10 @@ fn mail_address(cx: &Cx, node: &Node) -> Option<IpAddr> {
     host.addresses().first().copied()
 }
 
-/// Ports of `profile.ports` that accept a TCP connection within 2 s.
-pub async fn open_ports(ip: IpAddr, profile: &Profile) -> Vec<u16> {
+/// Ports of `ports` that accept a TCP connection within 2 s.
+pub async fn open_ports(ip: IpAddr, ports: &[u16]) -> Vec<u16> {
     let mut open = Vec::new();
-    for &port in profile.ports {
+    for &port in ports {
         let connect = tokio::net::TcpStream::connect(SocketAddr::new(ip, port));
         if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), connect).await {
             open.push(port);
@@ -105,13 +108,13 @@ pub async fn open_ports(ip: IpAddr, profile: &Profile) -> Vec<u16> {
     open
 }
 
-/// Waits up to `limit` until the open ports are exactly `want` (all or none).
-async fn wait_ports(ip: IpAddr, profile: &Profile, all_open: bool, limit: Duration) -> Vec<u16> {
+/// Waits up to `limit` until all of `ports` are open (`all_open`) or none is.
+async fn wait_ports(ip: IpAddr, ports: &[u16], all_open: bool, limit: Duration) -> Vec<u16> {
     let start = Instant::now();
     loop {
-        let open = open_ports(ip, profile).await;
+        let open = open_ports(ip, ports).await;
         let done = if all_open {
-            open.len() == profile.ports.len()
+            open.len() == ports.len()
         } else {
             open.is_empty()
         };
@@ -176,64 +179,204 @@ pub async fn prepare_new(cx: &mut Cx) -> Result<Value> {
     }))
 }
 
-pub async fn disable_old(cx: &mut Cx, plan: &Value) -> Result<Value> {
-    let step = StepId::DisableOld;
-    let units = cx.profile.units();
-    // Postfix first, alone: from here senders get "connection refused" and keep their mail,
-    // while Dovecot takes the last LMTP deliveries Postfix makes while stopping. Then Dovecot,
-    // which must be down before the final sync reads the mailboxes. OpenDKIM only signs
-    // outgoing mail and takes ~4 s to stop: it stops in the background, and the final sync
-    // waits for it at its end, out of the downtime's critical path.
-    let (background, now): (Vec<&str>, Vec<&str>) = cx
-        .profile
-        .stop_order
-        .iter()
-        .partition(|u| cx.profile.stop_in_background.contains(u));
-    stop(&cx.old, &cx.profile, &now).await?;
-    for unit in &background {
-        cx.old
-            .run(&["systemctl", "stop", "--no-block", unit])
-            .await?;
-    }
+pub async fn freeze_old(cx: &mut Cx, plan: &Value) -> Result<Value> {
+    let step = StepId::FreezeOld;
+    // Postfix first, by reload (its sockets stay open): from here it accepts mail and
+    // delivers none. Then Dovecot, which must be down before the final sync reads the
+    // mailboxes; a delivery it was making when Postfix reloaded completes first.
+    postfix::freeze(&cx.old).await?;
+    let stopping = cx.profile.stopped_at_freeze();
+    stop(&cx.old, &cx.profile, &stopping).await?;
     // --no-reload: disabling changes only what starts at boot; a reload costs a second here.
+    // Postfix stays enabled: after a reboot of old it comes back in the mode on disk.
     let mut disable = vec!["systemctl", "disable", "--no-reload", "--quiet"];
-    disable.extend(units.iter().copied());
+    disable.extend(stopping.iter().copied());
     cx.old.run(&disable).await?;
-    let running = running(&cx.old, &cx.profile).await?;
-    if let Some(unit) = running.iter().find(|u| now.contains(u)) {
-        bail!("{unit} runs on old after stopping it");
+    if let Some(why) = still_frozen(cx).await? {
+        bail!("{why} after the freeze");
     }
-    let open = match mail_address(cx, &cx.old) {
-        Some(ip) => wait_ports(ip, &cx.profile, false, Duration::from_secs(10)).await,
+    let ip = mail_address(cx, &cx.old);
+    let closed = closed_ports(cx);
+    let open = match ip {
+        Some(ip) => wait_ports(ip, &closed, false, Duration::from_secs(10)).await,
         None => Vec::new(),
     };
     if !open.is_empty() {
         bail!(
-            "old still answers on port(s) {open:?} after its mail daemons stopped\nhint: something else listens there (`ss -ltnp` on old); stop it, then run `relaymove migrate` again"
+            "old still answers on port(s) {open:?} after Dovecot stopped\nhint: something else listens there (`ss -ltnp` on old); stop it, then run `relaymove migrate` again"
         );
+    }
+    if let Some(ip) = ip {
+        let smtp = open_ports(ip, cx.profile.smtp_ports).await;
+        if !smtp.contains(&25) {
+            bail!("old does not answer on port 25 after the freeze: senders would be refused\nhint: `journalctl -u postfix@-` on old; `relaymove rollback` restores old's configuration");
+        }
     }
     cx.note(
         step,
-        &format!("stopped and disabled on old: {}", units.join(", ")),
+        &format!(
+            "old accepts mail and holds it in its queue; stopped and disabled on old: {}",
+            stopping.join(", ")
+        ),
     );
     Ok(json!({
-        "summary": format!("ports {:?} closed on old", cx.profile.ports),
+        "summary": format!("old accepts mail on port 25 and delivers none; ports {closed:?} closed"),
         "before": plan,
     }))
 }
 
-/// Waits until none of the mail daemons runs on `node` (a unit stopped in the background).
-pub async fn wait_stopped(node: &Node, profile: &Profile, limit: Duration) -> Result<()> {
-    let start = Instant::now();
-    loop {
-        match units_stopped(node, profile).await? {
-            None => return Ok(()),
-            Some(why) if start.elapsed() >= limit => {
-                bail!("{why} {}s after stopping it", limit.as_secs())
-            }
-            Some(_) => tokio::time::sleep(Duration::from_millis(300)).await,
-        }
+/// The ports of `profile.ports` that are not SMTP: they close at the freeze.
+fn closed_ports(cx: &Cx) -> Vec<u16> {
+    cx.profile
+        .ports
+        .iter()
+        .copied()
+        .filter(|p| !cx.profile.smtp_ports.contains(p))
+        .collect()
+}
+
+/// `None` while old is frozen: Postfix runs in receive-and-hold mode, Dovecot is stopped.
+pub async fn still_frozen(cx: &Cx) -> Result<Option<String>> {
+    let mode = postfix::mode(&cx.old).await?;
+    if mode != postfix::Mode::Freeze {
+        return Ok(Some(format!(
+            "Postfix on old is in {mode:?} mode, not Freeze"
+        )));
     }
+    if !cx
+        .old
+        .test(&["systemctl", "is-active", "--quiet", cx.profile.postfix_unit])
+        .await?
+    {
+        return Ok(Some("Postfix does not run on old".into()));
+    }
+    let running = running(&cx.old, &cx.profile).await?;
+    let stopped = cx.profile.stopped_at_freeze();
+    let wrong: Vec<&str> = running
+        .into_iter()
+        .filter(|u| stopped.contains(u))
+        .collect();
+    Ok((!wrong.is_empty()).then(|| format!("{} runs on old", wrong.join(", "))))
+}
+
+/// Old's Postfix sends every message for the domain to new: what it accepted during the
+/// freeze, and whatever senders still bring to its address after the cutover.
+pub async fn forward_old(cx: &mut Cx) -> Result<Value> {
+    let step = StepId::ForwardOld;
+    let Some(to) = mail_address(cx, &cx.new) else {
+        bail!("[hosts.new] has no ipv4 or ipv6 in the config: old cannot forward to it\nhint: add new's address to the config");
+    };
+    let domain = cx.config.domain.trim_end_matches('.').to_string();
+    let helo = postfix::helo_name(&cx.old, &domain).await?;
+    postfix::forward(&cx.old, &domain, to, &helo).await?;
+    if let Some(why) = still_forwarding(cx).await? {
+        bail!("{why} after switching it to forwarding");
+    }
+    // What old held during the freeze leaves now; wait a little so the summary can say so.
+    let drained = postfix::wait_drained(&cx.old, Duration::from_secs(30)).await;
+    let left = postfix::waiting(&cx.old).await?;
+    let queue = match &drained {
+        Ok(()) => "old's queue is empty (held mail stays held)".to_string(),
+        Err(_) => format!("{left} message(s) still in old's queue: drain_old waits for them"),
+    };
+    cx.note(
+        step,
+        &format!("old forwards mail for {domain} to [{to}]:25 as {helo}; {queue}"),
+    );
+    Ok(json!({
+        "summary": format!("old forwards {domain} to {to}"),
+        "to": to.to_string(),
+        "helo": helo,
+        "since": crate::migrate::now_unix(),
+        "queued": left,
+    }))
+}
+
+/// `None` while old's Postfix runs in forwarding mode.
+pub async fn still_forwarding(cx: &Cx) -> Result<Option<String>> {
+    let mode = postfix::mode(&cx.old).await?;
+    if mode != postfix::Mode::Forward {
+        return Ok(Some(format!(
+            "Postfix on old is in {mode:?} mode, not Forward"
+        )));
+    }
+    if !cx
+        .old
+        .test(&["systemctl", "is-active", "--quiet", cx.profile.postfix_unit])
+        .await?
+    {
+        return Ok(Some("Postfix does not run on old".into()));
+    }
+    Ok(None)
+}
+
+/// Old keeps forwarding until no resolver can still hold its address (the time the DNS
+/// cutover computed: old TTL plus the negative-cache time), and its queue has nothing left
+/// to deliver. Waits up to 15 minutes; beyond that it stops and says when to come back.
+pub async fn drain_old(cx: &mut Cx, journal: &Journal, stop: &Arc<AtomicBool>) -> Result<Value> {
+    const MAX_WAIT: u64 = 15 * 60;
+    let step = StepId::DrainOld;
+    let until = match journal::state_of(journal.current(), StepId::DnsCutover.id()) {
+        StepState::Done { facts, .. } => facts
+            .pointer("/switched/old_answers_until")
+            .and_then(Value::as_u64),
+        _ => None,
+    }
+    .unwrap_or(0);
+    let since = match journal::state_of(journal.current(), StepId::ForwardOld.id()) {
+        StepState::Done { facts, .. } => facts.get("since").and_then(Value::as_u64),
+        _ => None,
+    }
+    .unwrap_or_else(crate::migrate::now_unix);
+    let now = crate::migrate::now_unix();
+    if until > now + MAX_WAIT {
+        bail!(
+            "resolvers may send mail to old until {} (in {} min): old keeps forwarding it to new meanwhile\nhint: run `relaymove migrate` again after that time to finish; `relaymove status` shows what still reaches old",
+            crate::commands::dns::utc(until),
+            (until - now).div_ceil(60)
+        );
+    }
+    if until > now {
+        cx.note(
+            step,
+            &format!(
+                "old forwards until {} ({}s), when no resolver can hold its address any more",
+                crate::commands::dns::utc(until),
+                until - now
+            ),
+        );
+    }
+    while crate::migrate::now_unix() < until {
+        if stop.load(Ordering::SeqCst) {
+            bail!("interrupted while old forwards; run `relaymove migrate` again to finish");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    postfix::wait_drained(&cx.old, Duration::from_secs(60))
+        .await
+        .context("old forwards until its queue is empty")?;
+    let arrivals = forwarded::since(&cx.old, since).await?;
+    let told = forwarded::describe(&arrivals);
+    cx.note(step, &told);
+    Ok(json!({
+        "summary": told,
+        "arrivals": arrivals.iter().map(|a| json!({"client": a.client, "messages": a.messages, "last": a.last})).collect::<Vec<_>>(),
+    }))
+}
+
+/// After the drain: old's Postfix and OpenDKIM stop and are disabled, and Postfix's
+/// configuration is as it was before the move (for a rollback, or a reuse of the host).
+pub async fn retire_old(cx: &mut Cx) -> Result<()> {
+    let accepting: Vec<&str> = cx.profile.accepting.to_vec();
+    stop(&cx.old, &cx.profile, &accepting).await?;
+    let mut disable = vec!["systemctl", "disable", "--no-reload", "--quiet"];
+    disable.extend(accepting.iter().copied());
+    cx.old.run(&disable).await?;
+    postfix::restore(&cx.old).await?;
+    if let Some(why) = units_stopped(&cx.old, &cx.profile).await? {
+        bail!("{why} after stopping it");
+    }
+    Ok(())
 }
 
 pub async fn activate_new(cx: &mut Cx) -> Result<Value> {
@@ -255,7 +398,7 @@ pub async fn activate_new(cx: &mut Cx) -> Result<Value> {
     }
     let ip = mail_address(cx, &cx.new);
     let open = match ip {
-        Some(ip) => wait_ports(ip, &cx.profile, true, Duration::from_secs(30)).await,
+        Some(ip) => wait_ports(ip, cx.profile.ports, true, Duration::from_secs(30)).await,
         None => Vec::new(),
     };
     if open.len() != cx.profile.ports.len() {
@@ -268,9 +411,6 @@ pub async fn activate_new(cx: &mut Cx) -> Result<Value> {
         step,
         &format!("new answers on ports {:?}", cx.profile.ports),
     );
-    // The moved queue's deferred mail would wait out old's backoff; deliver it now (held
-    // mail stays held).
-    cx.new.run(&["postqueue", "-f"]).await?;
     let certificate = served_certificate(cx).await?;
     cx.note(step, &certificate);
     let dkim = dkim_key_published(cx).await?;

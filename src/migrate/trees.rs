@@ -1,8 +1,8 @@
 //! The data: every tree of the profile mirrored old → new through one agent per host, the
-//! Postfix queue in the final pass, and the proof that new holds what old held.
+//! held Postfix queue in the final pass, and the proof that new holds what old held.
 //!
-//! The proof is made in the final pass, while both hosts are stopped: afterwards new takes
-//! mail and its trees legitimately grow. `verify` (after activation) checks what must still
+//! The proof is made in the final pass, while old is frozen (it accepts mail and delivers
+//! none) and new is stopped: afterwards new takes mail and its trees legitimately grow. `verify` (after activation) checks what must still
 //! hold then: Dovecot's UIDVALIDITY and every UID old had, and the held queue.
 
 use crate::migrate::journal::{self, StepState};
@@ -13,7 +13,7 @@ use crate::sync::manifest::{Kind, Manifest};
 use crate::sync::verify::{compare, Content};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// How many differences an error lists before "and N more".
@@ -119,32 +119,33 @@ pub async fn presync(cx: &mut Cx) -> Result<Value> {
 
 pub async fn final_sync(cx: &mut Cx) -> Result<Value> {
     let step = StepId::FinalSync;
-    // The queue moves as files: both Postfixes must be stopped, or one of them changes it.
-    for node in [&cx.old, &cx.new] {
-        if node
-            .test(&["systemctl", "is-active", "--quiet", cx.profile.postfix_unit])
-            .await?
-        {
-            bail!(
-                "Postfix runs on {}; the queue cannot move while it does\nhint: run `relaymove migrate` again: it stops what must be stopped first",
-                node.role
-            );
-        }
+    // The mailboxes must not change under the final pass: old delivers nothing while frozen.
+    if let Some(why) = crate::migrate::services::still_frozen(cx).await? {
+        bail!(
+            "{why}: the mailboxes could change under the final pass\nhint: run `relaymove migrate --from freeze_old`"
+        );
+    }
+    // The held queue moves as files, into new's queue while its Postfix is stopped.
+    if cx
+        .new
+        .test(&["systemctl", "is-active", "--quiet", cx.profile.postfix_unit])
+        .await?
+    {
+        bail!("Postfix runs on new; the held queue cannot move into it while it does\nhint: run `relaymove migrate --from prepare_new`");
     }
     let trees = present_trees(cx).await?;
     let mut facts = Vec::new();
     for tree in &trees {
         facts.push(mirror_tree(cx, step, &tree.path, Vec::new()).await?);
     }
-    let queue = cx.profile.queue.clone();
-    let excludes = cx.profile.queue_excludes();
-    facts.push(mirror_tree(cx, step, &queue, excludes.clone()).await?);
+    let hold = cx.profile.hold_queue.clone();
+    facts.push(mirror_tree(cx, step, &hold, Vec::new()).await?);
     // Proof while nothing moves: every file of every tree, by content, on both hosts.
     let mut proven = 0;
     for tree in &trees {
         proven += prove_equal(cx, &tree.path, Vec::new(), Content::Hashes).await?;
     }
-    let queue_before = queue_files(cx, &queue, &excludes).await?;
+    let held_before = held_files(cx, &hold).await?;
     // Queue file names follow inode numbers: on another file system they must be renamed
     // before Postfix starts (postsuper(1)); then the chroot and permissions are made whole.
     let renamed = cx.new.run(&["postsuper", "-s"]).await?;
@@ -152,47 +153,29 @@ pub async fn final_sync(cx: &mut Cx) -> Result<Value> {
     cx.new
         .run(&["postfix", "check"])
         .await
-        .context("`postfix check` on new after moving the queue")?;
-    let queue_after = queue_files(cx, &queue, &excludes).await?;
-    // disable_old stopped OpenDKIM in the background.
-    crate::migrate::services::wait_stopped(
-        &cx.old,
-        &cx.profile,
-        std::time::Duration::from_secs(60),
-    )
-    .await?;
-    if queue_before.1 != queue_after.1 {
+        .context("`postfix check` on new after moving the held queue")?;
+    let held_after = held_files(cx, &hold).await?;
+    if held_before != held_after {
         bail!(
-            "the queue on new differs from old's after `postsuper -s`: {:?} on old, {:?} on new",
-            queue_before.0,
-            queue_after.0
+            "the held queue on new differs from old's after `postsuper -s`: {} held on old, {} on new",
+            held_before.len(),
+            held_after.len()
         );
     }
+    let held = held_after.len();
     cx.note(
         step,
         &format!(
-            "proven: {proven} entries identical on both hosts (SHA-256 of every file, owners by name, modes, mtimes, links); queue {}{}",
-            describe_queue(&queue_after.0),
+            "proven: {proven} entries identical on both hosts (SHA-256 of every file, owners by name, modes, mtimes, links); {held} held message(s) held on new{}",
             if renamed.trim().is_empty() { String::new() } else { format!(" ({})", renamed.trim()) }
         ),
     );
     Ok(json!({
-        "summary": format!("{} trees and the queue moved; {proven} entries proven identical", trees.len()),
+        "summary": format!("{} trees and the held queue moved; {proven} entries proven identical", trees.len()),
         "trees": facts,
         "proven_entries": proven,
-        "queue": queue_after.0,
+        "queue": {"hold": held},
     }))
-}
-
-fn describe_queue(counts: &BTreeMap<String, usize>) -> String {
-    if counts.is_empty() {
-        return "empty".into();
-    }
-    counts
-        .iter()
-        .map(|(q, n)| format!("{q} {n}"))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// Scans `root` on both hosts and fails with every difference; returns the entry count.
@@ -240,44 +223,29 @@ async fn scan_pair(
     .await
 }
 
-/// Per queue (`hold`, `deferred`, …): how many files, and the multiset of their contents.
-/// Names are left out: `postsuper -s` renames files on new.
-async fn queue_files(
-    cx: &mut Cx,
-    queue: &Path,
-    excludes: &[String],
-) -> Result<(BTreeMap<String, usize>, BTreeSet<(String, [u8; 32], usize)>)> {
-    let (old, new) = scan_pair(cx, queue, excludes.to_vec(), true).await?;
-    let summarize = |m: &Manifest| {
-        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-        let mut contents: BTreeMap<(String, [u8; 32]), usize> = BTreeMap::new();
-        for e in m.entries.iter().filter(|e| e.kind == Kind::File) {
-            let name =
-                String::from_utf8_lossy(e.path.split(|b| *b == b'/').next().unwrap_or_default())
-                    .into_owned();
-            *counts.entry(name.clone()).or_default() += 1;
-            *contents
-                .entry((name, e.hash.unwrap_or_default()))
-                .or_default() += 1;
-        }
-        (
-            counts,
-            contents
-                .into_iter()
-                .map(|((q, h), n)| (q, h, n))
-                .collect::<BTreeSet<_>>(),
-        )
+/// The held queue's files by content, on both hosts; a difference is an error. Names are
+/// left out: `postsuper -s` renames files on new. Returns new's multiset.
+async fn held_files(cx: &mut Cx, hold: &Path) -> Result<Vec<[u8; 32]>> {
+    let (old, new) = scan_pair(cx, hold, Vec::new(), true).await?;
+    let contents = |m: &Manifest| {
+        let mut hashes: Vec<[u8; 32]> = m
+            .entries
+            .iter()
+            .filter(|e| e.kind == Kind::File)
+            .map(|e| e.hash.unwrap_or_default())
+            .collect();
+        hashes.sort_unstable();
+        hashes
     };
-    let (old_counts, old_contents) = summarize(&old);
-    let (new_counts, new_contents) = summarize(&new);
-    if old_contents != new_contents {
+    let (old, new) = (contents(&old), contents(&new));
+    if old != new {
         bail!(
-            "the Postfix queue on new is not old's: {} on old, {} on new",
-            describe_queue(&old_counts),
-            describe_queue(&new_counts)
+            "the held queue on new is not old's: {} message(s) on old, {} on new",
+            old.len(),
+            new.len()
         );
     }
-    Ok((new_counts, new_contents))
+    Ok(new)
 }
 
 /// Re-check of a recorded final sync: the trees still look the same on both hosts (sizes,
