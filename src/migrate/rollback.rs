@@ -79,7 +79,15 @@ pub async fn run(cx: &mut Cx, journal: &mut Journal) -> Result<()> {
             Part::FreezeOld => Ok(json!({"summary": "old was never frozen; it serves mail"})),
             Part::DnsBack if dns_moved => dns_back(cx).await,
             Part::DnsBack => Ok(json!({"summary": "DNS was not changed"})),
-            Part::NewForwards if new_took_mail => new_forwards(cx).await,
+            Part::NewForwards if new_took_mail => {
+                let until = match journal::state_of(journal.current(), Part::DnsBack.id()) {
+                    StepState::Done { facts, .. } => facts
+                        .pointer("/switched/old_answers_until")
+                        .and_then(Value::as_u64),
+                    _ => None,
+                };
+                new_forwards(cx, until).await
+            }
             Part::NewForwards => Ok(json!({"summary": "new never took mail"})),
             Part::StopNew => stop_new(cx).await,
             Part::SyncBack if new_took_mail => sync_back(cx).await,
@@ -125,8 +133,9 @@ async fn freeze_old(cx: &mut Cx) -> Result<Value> {
     Ok(json!({"summary": "old accepts mail and keeps it until it serves again"}))
 }
 
-/// New hands what it holds for the domain to old, and delivers nothing more itself.
-async fn new_forwards(cx: &mut Cx) -> Result<Value> {
+/// New hands what it holds for the domain to old, and keeps forwarding what senders bring
+/// until `until`, when no resolver can still hold new's address (the DNS went back to old).
+async fn new_forwards(cx: &mut Cx, until: Option<u64>) -> Result<Value> {
     if !cx
         .new
         .test(&["systemctl", "is-active", "--quiet", cx.profile.postfix_unit])
@@ -140,6 +149,19 @@ async fn new_forwards(cx: &mut Cx) -> Result<Value> {
     let domain = cx.config.domain.trim_end_matches('.').to_string();
     let helo = postfix::helo_name(&cx.new, &domain).await?;
     postfix::forward(&cx.new, &domain, to, &helo).await?;
+    if let Some(until) = until.filter(|t| *t > now_unix()) {
+        cx.out.note(
+            "rollback",
+            &format!(
+                "new forwards to old until {} ({}s), when no resolver can hold new's address any more",
+                crate::commands::dns::utc(until),
+                until - now_unix()
+            ),
+        );
+        while now_unix() < until {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
     postfix::wait_drained(&cx.new, Duration::from_secs(120)).await?;
     Ok(json!({"summary": format!("new forwarded its queue for {domain} to old ({to})")}))
 }
