@@ -32,6 +32,7 @@ pub enum Command {
     Rollback(crate::commands::migrate::RollbackCmd),
     Sync(crate::commands::sync::SyncCmd),
     Dns(crate::commands::dns::DnsCmd),
+    Cleanup(crate::commands::cleanup::CleanupCmd),
     #[command(hide = true)]
     Agent(crate::commands::agent::AgentCmd),
     #[command(hide = true)]
