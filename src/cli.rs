@@ -26,6 +26,7 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    Init(crate::commands::init::InitCmd),
     Plan(crate::commands::migrate::PlanCmd),
     Migrate(crate::commands::migrate::MigrateCmd),
     Status(crate::commands::migrate::StatusCmd),

@@ -729,3 +729,68 @@ fn cleanup_removes_what_syncs_left_refuses_while_a_migration_holds_its_lock_and_
     assert_eq!(fs::read(&victim).unwrap(), b"keep me");
     assert!(!sshd.host("run/relaymove").exists());
 }
+
+#[test]
+fn init_over_ssh_learns_the_addresses_and_writes_a_private_config_that_reaches_the_hosts() {
+    let Some(sshd) = isolated_sshd() else { return };
+    let t = tempfile::tempdir().unwrap();
+    let file = t.path().join("relaymove.toml");
+    let ssh_config = sshd.dir.path().join("ssh_config");
+    let init = || {
+        Command::new(bin())
+            .args(["init", "--old", "rmtest", "--new", "rmtest", "--ssh-config"])
+            .arg(&ssh_config)
+            .arg("-o")
+            .arg(&file)
+            .output()
+            .unwrap()
+    };
+    let out = init();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mode = fs::metadata(&file).unwrap().permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+    let written = fs::read_to_string(&file).unwrap();
+    assert!(
+        written.contains("\n[hosts.old]\nssh = \"rmtest\" "),
+        "{written}"
+    );
+    // This machine's own addresses, as the host (this machine) reports them.
+    let own = text(&run(Command::new("hostname").arg("-I")).stdout);
+    let ipv4 = written
+        .lines()
+        .find(|l| l.starts_with("ipv4 = "))
+        .and_then(|l| l.split('"').nth(1))
+        .unwrap();
+    if own
+        .split_whitespace()
+        .any(|a| a.contains('.') && !a.starts_with("127."))
+    {
+        assert!(
+            own.split_whitespace().any(|a| a == ipv4),
+            "{ipv4} not in {own}\n{written}"
+        );
+        assert!(written.contains("# learned: hostname -I"), "{written}");
+    }
+    // The written config loads, and its ssh_config reaches old.
+    let out = Command::new(bin())
+        .args(["cleanup", "--dry-run", "-c"])
+        .arg(&file)
+        .arg("old")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}\n{written}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "nothing of relaymove's on rmtest\n");
+
+    // Never over an existing file.
+    let out = init();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("exists; nothing was written"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(fs::read_to_string(&file).unwrap(), written);
+}
