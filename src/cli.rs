@@ -26,12 +26,14 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    Init(crate::commands::init::InitCmd),
     Plan(crate::commands::migrate::PlanCmd),
     Migrate(crate::commands::migrate::MigrateCmd),
     Status(crate::commands::migrate::StatusCmd),
     Rollback(crate::commands::migrate::RollbackCmd),
     Sync(crate::commands::sync::SyncCmd),
     Dns(crate::commands::dns::DnsCmd),
+    Cleanup(crate::commands::cleanup::CleanupCmd),
     #[command(hide = true)]
     Agent(crate::commands::agent::AgentCmd),
     #[command(hide = true)]

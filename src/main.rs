@@ -8,6 +8,7 @@ mod cli;
 mod commands;
 mod config;
 mod dns;
+mod init;
 mod migrate;
 mod remote;
 mod report;

@@ -35,6 +35,8 @@ fn man_pages_name_every_subcommand_and_option() {
         "sync",
         "dns",
         "dns-cutover",
+        "init",
+        "cleanup",
     ] {
         let page = read(&dir.join(format!("relaymove-{cmd}.1")));
         assert!(page.starts_with(".ie"), "relaymove-{cmd}.1 is not roff");
@@ -96,4 +98,91 @@ fn completions_for_bash_zsh_fish() {
     };
     assert_eq!(complete("relaymove sy"), "sync");
     assert_eq!(complete("relaymove sync --exc"), "--exclude");
+}
+
+fn relaymove(args: &[&str], dir: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_relaymove"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("running relaymove")
+}
+
+#[test]
+fn init_writes_the_documented_template_privately_and_never_over_a_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = relaymove(&["init"], tmp.path());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let file = tmp.path().join("relaymove.toml");
+    assert_eq!(
+        read(&file),
+        read(Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/relaymove.toml"
+        )))
+    );
+    assert_eq!(
+        fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    fs::write(&file, "mine").unwrap();
+    let out = relaymove(&["init"], tmp.path());
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{msg}");
+    assert!(
+        msg.contains("relaymove.toml exists; nothing was written") && msg.contains("--force"),
+        "{msg}"
+    );
+    assert_eq!(read(&file), "mine");
+    // A symlink there is not followed, nor replaced.
+    let link = tmp.path().join("link.toml");
+    std::os::unix::fs::symlink(&file, &link).unwrap();
+    assert_eq!(
+        relaymove(&["init", "-o", "link.toml"], tmp.path())
+            .status
+            .code(),
+        Some(1)
+    );
+    assert_eq!(read(&file), "mine");
+
+    let out = relaymove(&["init", "--force", "-o", "relaymove.toml"], tmp.path());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(read(&file).starts_with("# relaymove.toml"));
+    assert_eq!(
+        fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let leftovers: Vec<_> = fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(leftovers.len(), 2, "{leftovers:?}");
+
+    // Both hosts or none; targets are checked before anything connects.
+    assert_eq!(
+        relaymove(&["init", "--old", "root@old"], tmp.path())
+            .status
+            .code(),
+        Some(2)
+    );
+    let out = relaymove(
+        &["init", "-o", "x.toml", "--old", "old:/x", "--new", "new"],
+        tmp.path(),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

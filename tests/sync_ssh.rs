@@ -38,6 +38,18 @@ fn run(cmd: &mut Command) -> Output {
 
 /// Starts sshd on a free loopback port, or explains why it cannot.
 fn sshd() -> Option<Sshd> {
+    start_sshd(false)
+}
+
+/// Like `sshd`, but the host it serves has a /var/lib and a /run of its own: `host/varlib`
+/// and `host/run` in its directory, bound there in a mount and pid namespace of its own.
+/// The agent, its caches and locks then land there, apart from this machine's (which other
+/// tests and builds use), and that host's /proc shows only its own processes.
+fn isolated_sshd() -> Option<Sshd> {
+    start_sshd(true)
+}
+
+fn start_sshd(isolated: bool) -> Option<Sshd> {
     let required = std::env::var("RELAYMOVE_REQUIRE_SSH").as_deref() == Ok("1");
     let why = if !nix::unistd::geteuid().is_root() {
         Some("not running as root")
@@ -82,13 +94,38 @@ fn sshd() -> Option<Sshd> {
     )
     .unwrap();
     write_client_config(d, port, &d.join("known_hosts"));
-    fs::create_dir_all("/run/sshd").unwrap();
-    let child = Command::new("/usr/sbin/sshd")
-        .args(["-D", "-e", "-f"])
-        .arg(d.join("sshd_config"))
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting sshd");
+    if !isolated {
+        fs::create_dir_all("/run/sshd").unwrap();
+    }
+    let mut cmd = if isolated {
+        let host = d.join("host");
+        for sub in ["varlib", "run/sshd"] {
+            fs::create_dir_all(host.join(sub)).unwrap();
+        }
+        // --kill-child: when the test kills unshare, the namespace's first process and with
+        // it every process of that host dies.
+        let mut cmd = Command::new("unshare");
+        cmd.args([
+            "--mount",
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            "--kill-child",
+            "--",
+            "sh",
+            "-c",
+            "mount --bind \"$1/varlib\" /var/lib && mount --bind \"$1/run\" /run && exec /usr/sbin/sshd -D -e -f \"$2\"",
+            "sh",
+        ])
+        .arg(&host)
+        .arg(d.join("sshd_config"));
+        cmd
+    } else {
+        let mut cmd = Command::new("/usr/sbin/sshd");
+        cmd.args(["-D", "-e", "-f"]).arg(d.join("sshd_config"));
+        cmd
+    };
+    let child = cmd.stderr(Stdio::null()).spawn().expect("starting sshd");
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(
@@ -472,4 +509,288 @@ fn sigterm_during_a_sync_closes_the_ssh_master_removes_temp_files_and_exits_130(
         .unwrap());
     assert_eq!(r["verified"], true);
     assert_mirror(&src, &dest);
+}
+
+impl Sshd {
+    /// `relaymove cleanup ARGS… rmtest` against this host.
+    fn cleanup(&self, args: &[&str]) -> Output {
+        Command::new(bin())
+            .arg("cleanup")
+            .args(args)
+            .arg("--ssh-config")
+            .arg(self.dir.path().join("ssh_config"))
+            .arg("rmtest")
+            .output()
+            .unwrap()
+    }
+
+    /// A path of the isolated host's own /var/lib or /run, as this machine sees it.
+    fn host(&self, rel: &str) -> PathBuf {
+        self.dir.path().join("host").join(rel)
+    }
+
+    /// Runs `argv` on the host with stdin piped: it ends when the test closes it.
+    fn hold(&self, argv: &str) -> Child {
+        let mut child = Command::new("ssh")
+            .arg("-F")
+            .arg(self.dir.path().join("ssh_config"))
+            .args(["rmtest", argv])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line, "held\n");
+        child
+    }
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .map(|r| {
+            r.map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Every path under `root` with its type, size and mtime (cheaper than `snapshot`, which
+/// hashes a debug build's agent of some 180 MB).
+fn listing(root: &Path) -> Vec<(PathBuf, String)> {
+    walkdir::WalkDir::new(root)
+        .sort_by_file_name()
+        .into_iter()
+        .map(|e| {
+            let e = e.unwrap();
+            let md = e.path().symlink_metadata().unwrap();
+            let seen = format!(
+                "{:?} {} {:?}",
+                md.file_type(),
+                md.len(),
+                md.modified().unwrap()
+            );
+            (e.path().to_path_buf(), seen)
+        })
+        .collect()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn cleanup_removes_what_syncs_left_refuses_while_a_migration_holds_its_lock_and_keeps_the_rest() {
+    let Some(sshd) = isolated_sshd() else { return };
+    let t = tempfile::tempdir().unwrap();
+    let (src, cache) = (t.path().join("src"), t.path().join("cache"));
+    common::maildir::generate(&src, 2, 50);
+    let a = t.path().join("a");
+    ok(sshd
+        .sync(src.to_str().unwrap(), &remote(&a), &cache)
+        .output()
+        .unwrap());
+    ok(sshd
+        .sync(&remote(&a), t.path().join("b").to_str().unwrap(), &cache)
+        .output()
+        .unwrap());
+    let agent_dir = sshd.host("varlib/relaymove");
+    assert_eq!(names(&agent_dir), ["bin", "cache"]);
+    assert_eq!(names(&agent_dir.join("bin")).len(), 1);
+    assert!(!names(&agent_dir.join("cache")).is_empty());
+    assert_eq!(names(&sshd.host("run/relaymove")).len(), 1, "one tree lock");
+    let neighbour = sshd.host("varlib/other-tool");
+    fs::write(&neighbour, b"not relaymove's").unwrap();
+
+    // A migration holds its lock on this host: refused, nothing removed.
+    let mut migration =
+        sshd.hold("flock /run/relaymove-migrate.lock sh -c 'echo held; cat >/dev/null'");
+    let out = sshd.cleanup(&[]);
+    let msg = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{msg}");
+    assert!(
+        msg.contains("/run/relaymove-migrate.lock is held by pid")
+            && msg.contains("a migration runs")
+            && msg.contains("nothing was removed")
+            && msg.contains("on rmtest"),
+        "{msg}"
+    );
+    assert_eq!(names(&agent_dir), ["bin", "cache"]);
+    drop(migration.stdin.take());
+    migration.wait().unwrap();
+
+    // Now stale: listed with the rest, and a dry run removes nothing.
+    let before = listing(&sshd.host(""));
+    let out = sshd.cleanup(&["--dry-run", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        listing(&sshd.host("")),
+        before,
+        "a dry run changed the host"
+    );
+    let kinds = |report: &serde_json::Value| {
+        let mut v: Vec<String> = report["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| {
+                format!(
+                    "{} {}",
+                    f["type"].as_str().unwrap(),
+                    f["kind"].as_str().unwrap_or("")
+                )
+            })
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    assert_eq!(
+        kinds(&listed),
+        ["remove agent", "remove cache", "remove lock", "rmdir "]
+    );
+    assert_eq!(listed["dry_run"], true);
+
+    let out = sshd.cleanup(&["--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let removed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(removed["findings"], listed["findings"]);
+    assert!(
+        removed["bytes"].as_u64().unwrap() > 1_000_000,
+        "the agent counts"
+    );
+    assert_eq!(names(&sshd.host("varlib")), ["other-tool"]);
+    assert_eq!(names(&sshd.host("run")), ["sshd"]);
+    assert_eq!(fs::read(&neighbour).unwrap(), b"not relaymove's");
+
+    // Nothing left: a no-op that uploads nothing.
+    let out = sshd.cleanup(&[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "nothing of relaymove's on rmtest\n");
+    assert_eq!(names(&sshd.host("varlib")), ["other-tool"]);
+
+    // Planted among ours: a file and a symlink named like a cache. Both stay, the symlink's
+    // target is untouched; `old` of a config names the host.
+    ok(sshd
+        .sync(src.to_str().unwrap(), &remote(&t.path().join("c")), &cache)
+        .output()
+        .unwrap());
+    let notes = agent_dir.join("bin/notes");
+    fs::write(&notes, b"mine").unwrap();
+    let victim = t.path().join("victim");
+    fs::write(&victim, b"keep me").unwrap();
+    let planted = agent_dir.join("cache/00000000000000000000000000000000.hashes");
+    std::os::unix::fs::symlink(&victim, &planted).unwrap();
+    let config = t.path().join("relaymove.toml");
+    fs::write(
+        &config,
+        format!(
+            "domain = \"mail.example.org\"\nssh_config = \"{}\"\n[hosts.old]\nssh = \"rmtest\"\nipv4 = \"198.51.100.10\"\n\
+             [hosts.new]\nssh = \"new\"\nipv4 = \"198.51.100.20\"\n[dns]\nprovider = \"manual\"\nzone = \"example.org\"\n",
+            sshd.dir.path().join("ssh_config").display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(bin())
+        .args(["cleanup", "-c"])
+        .arg(&config)
+        .arg("old")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.starts_with("removed on rmtest ("), "{stdout}");
+    assert!(
+        stdout.contains("/var/lib/relaymove/bin/relaymove-"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("kept /var/lib/relaymove/bin: 1 entry is not relaymove's")
+            && stderr.contains(&format!(
+                "left {}",
+                Path::new("/var/lib/relaymove/cache/00000000000000000000000000000000.hashes")
+                    .display()
+            )),
+        "{stderr}"
+    );
+    assert_eq!(names(&agent_dir), ["bin", "cache"]);
+    assert_eq!(names(&agent_dir.join("bin")), ["notes"]);
+    assert_eq!(
+        names(&agent_dir.join("cache")),
+        ["00000000000000000000000000000000.hashes"]
+    );
+    assert_eq!(fs::read(&victim).unwrap(), b"keep me");
+    assert!(!sshd.host("run/relaymove").exists());
+}
+
+#[test]
+fn init_over_ssh_learns_the_addresses_and_writes_a_private_config_that_reaches_the_hosts() {
+    let Some(sshd) = isolated_sshd() else { return };
+    let t = tempfile::tempdir().unwrap();
+    let file = t.path().join("relaymove.toml");
+    let ssh_config = sshd.dir.path().join("ssh_config");
+    let init = || {
+        Command::new(bin())
+            .args(["init", "--old", "rmtest", "--new", "rmtest", "--ssh-config"])
+            .arg(&ssh_config)
+            .arg("-o")
+            .arg(&file)
+            .output()
+            .unwrap()
+    };
+    let out = init();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mode = fs::metadata(&file).unwrap().permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+    let written = fs::read_to_string(&file).unwrap();
+    assert!(
+        written.contains("\n[hosts.old]\nssh = \"rmtest\" "),
+        "{written}"
+    );
+    // This machine's own addresses, as the host (this machine) reports them.
+    let own = text(&run(Command::new("hostname").arg("-I")).stdout);
+    let ipv4 = written
+        .lines()
+        .find(|l| l.starts_with("ipv4 = "))
+        .and_then(|l| l.split('"').nth(1))
+        .unwrap();
+    if own
+        .split_whitespace()
+        .any(|a| a.contains('.') && !a.starts_with("127."))
+    {
+        assert!(
+            own.split_whitespace().any(|a| a == ipv4),
+            "{ipv4} not in {own}\n{written}"
+        );
+        assert!(written.contains("# learned: hostname -I"), "{written}");
+    }
+    // The written config loads, and its ssh_config reaches old.
+    let out = Command::new(bin())
+        .args(["cleanup", "--dry-run", "-c"])
+        .arg(&file)
+        .arg("old")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}\n{written}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "nothing of relaymove's on rmtest\n");
+
+    // Never over an existing file.
+    let out = init();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("exists; nothing was written"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(fs::read_to_string(&file).unwrap(), written);
 }

@@ -1,8 +1,10 @@
 //! Subcommands: thin layers that read options, call the engine and pick the output format.
 
 pub mod agent;
+pub mod cleanup;
 pub mod dns;
 pub mod generate;
+pub mod init;
 pub mod migrate;
 pub mod sync;
 
@@ -17,6 +19,8 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Rollback(cmd) => migrate::rollback(cmd),
         Command::Sync(cmd) => sync::run(cmd),
         Command::Dns(cmd) => dns::run(cmd),
+        Command::Init(cmd) => init::run(cmd),
+        Command::Cleanup(cmd) => cleanup::run(cmd),
         Command::Agent(cmd) => agent::run(cmd),
         Command::Generate(cmd) => generate::run(cmd),
     }

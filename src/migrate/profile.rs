@@ -71,7 +71,7 @@ impl Profile {
         let mut trees = match config.profile {
             ProfileName::Chatmail => vec![
                 tree(
-                    "/home/vmail/mail",
+                    CHATMAIL_MAILBOXES,
                     true,
                     "mailboxes: Maildirs with Dovecot's UID lists, password files (mtime = last login), metadata.json (push tokens), enforceE2EEincoming",
                     Some("vmail:vmail"),
@@ -94,7 +94,7 @@ impl Profile {
                     .migrate
                     .mail_root
                     .clone()
-                    .unwrap_or_else(|| PathBuf::from("/var/vmail"));
+                    .unwrap_or_else(|| PathBuf::from(CLASSIC_MAILBOXES));
                 vec![
                     Tree {
                         path: root,
@@ -175,9 +175,123 @@ impl Profile {
     }
 }
 
+/// What on old says which profile it runs, as `relaymove init` looks for it: the files of
+/// `MARKERS` that exist there, and Dovecot's `mail_location`, if Dovecot is installed.
+#[derive(Debug, Default, Clone)]
+pub struct ProfileFacts {
+    pub existing: Vec<PathBuf>,
+    pub mail_location: Option<String>,
+}
+
+/// chatmail's own units (cmdeploy installs them under /etc/systemd/system).
+const CHATMAIL_UNITS: &[&str] = &[
+    "/etc/systemd/system/doveauth.service",
+    "/etc/systemd/system/filtermail.service",
+    "/etc/systemd/system/chatmail-metadata.service",
+];
+const CHATMAIL_MAILBOXES: &str = "/home/vmail/mail";
+const CLASSIC_MAILBOXES: &str = "/var/vmail";
+
+/// Paths whose presence tells the profiles apart.
+pub fn markers() -> Vec<&'static str> {
+    let roots = [CHATMAIL_MAILBOXES, CLASSIC_MAILBOXES];
+    CHATMAIL_UNITS.iter().copied().chain(roots).collect()
+}
+
+/// The profile a host's facts point to, why, and for classic where the Maildirs are when
+/// that is not the default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recognised {
+    pub profile: ProfileName,
+    pub why: String,
+    pub mail_root: Option<PathBuf>,
+}
+
+impl ProfileFacts {
+    /// Chatmail wins when any of its traces exists (its units, or its mailbox root);
+    /// classic needs Dovecot or /var/vmail. `None`: neither.
+    pub fn recognise(&self) -> Option<Recognised> {
+        let has = |p: &str| self.existing.iter().any(|e| e == Path::new(p));
+        if let Some(unit) = CHATMAIL_UNITS.iter().find(|m| has(m)) {
+            return Some(Recognised {
+                profile: ProfileName::Chatmail,
+                why: format!("chatmail's {unit} is installed"),
+                mail_root: None,
+            });
+        }
+        if has(CHATMAIL_MAILBOXES) {
+            return Some(Recognised {
+                profile: ProfileName::Chatmail,
+                why: format!("{CHATMAIL_MAILBOXES} holds the mailboxes, as on a chatmail relay"),
+                mail_root: None,
+            });
+        }
+        if let Some(location) = &self.mail_location {
+            let root = mail_root_of(location);
+            return Some(Recognised {
+                profile: ProfileName::Classic,
+                why: format!("Dovecot's mail_location is {location}"),
+                mail_root: root.filter(|r| r != Path::new(CLASSIC_MAILBOXES)),
+            });
+        }
+        has(CLASSIC_MAILBOXES).then(|| Recognised {
+            profile: ProfileName::Classic,
+            why: format!("{CLASSIC_MAILBOXES} exists"),
+            mail_root: None,
+        })
+    }
+}
+
+/// The fixed directory above the per-user Maildirs of a `mail_location` such as
+/// `maildir:/srv/mail/%d/%n:LAYOUT=fs`; `None` for home directories (`~/Maildir`).
+fn mail_root_of(location: &str) -> Option<PathBuf> {
+    let path = location.split(':').nth(1)?;
+    let fixed: Vec<&str> = path
+        .split('/')
+        .take_while(|c| !c.contains('%') && !c.contains('~'))
+        .collect();
+    let root = PathBuf::from(fixed.join("/"));
+    (root.is_absolute() && root.parent().is_some()).then_some(root)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn facts(existing: &[&str], location: Option<&str>) -> Option<Recognised> {
+        ProfileFacts {
+            existing: existing.iter().map(PathBuf::from).collect(),
+            mail_location: location.map(String::from),
+        }
+        .recognise()
+    }
+
+    #[test]
+    fn recognises_chatmail_by_its_units_or_mailboxes_and_classic_by_dovecot() {
+        let c = facts(
+            &["/etc/systemd/system/doveauth.service", "/var/vmail"],
+            Some("maildir:/home/vmail/mail/%d/%u"),
+        )
+        .unwrap();
+        assert_eq!(c.profile, ProfileName::Chatmail);
+        assert!(c.why.contains("doveauth"), "{}", c.why);
+        let c = facts(&["/home/vmail/mail"], None).unwrap();
+        assert_eq!(c.profile, ProfileName::Chatmail);
+        let c = facts(&[], Some("maildir:/srv/mail/%d/%n:LAYOUT=fs")).unwrap();
+        assert_eq!(
+            (c.profile, c.mail_root),
+            (ProfileName::Classic, Some(PathBuf::from("/srv/mail")))
+        );
+        let c = facts(&[], Some("maildir:/var/vmail/%d/%n")).unwrap();
+        assert_eq!(c.mail_root, None, "the default is not written out");
+        let c = facts(&[], Some("maildir:~/Maildir")).unwrap();
+        assert_eq!((c.profile, c.mail_root), (ProfileName::Classic, None));
+        assert_eq!(
+            facts(&["/var/vmail"], None).map(|r| r.profile),
+            Some(ProfileName::Classic)
+        );
+        assert_eq!(facts(&[], None), None);
+    }
 
     const BASE: &str = r#"
 domain = "mail.example.org"

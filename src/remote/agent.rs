@@ -64,8 +64,9 @@ pub enum Host {
     Remote {
         session: Arc<Session>,
         label: String,
-        /// SHA-256 of this binary: the agent's file name on the host.
-        digest: String,
+        /// SHA-256 of this binary: the agent's file name on the host. Computed when an agent
+        /// is first needed: commands that only run commands (`cleanup`, `init`) skip it.
+        digest: tokio::sync::OnceCell<String>,
         _config: tempfile::NamedTempFile,
     },
 }
@@ -139,15 +140,27 @@ fn ssh_reason(e: &openssh::Error) -> String {
     text
 }
 
+/// Sets `$d` to the agent directory of the login user: the one place that says where agents
+/// live on a host (the agent scripts here and `remote::cleanup` start with it). A macro, not
+/// a const, so `concat!` can join it to each script.
+macro_rules! agent_dir {
+    () => {
+        r#"if [ "$(id -u)" = 0 ]; then d=/var/lib/relaymove; else d="${HOME:?}/.local/lib/relaymove"; fi
+"#
+    };
+}
+pub(crate) use agent_dir;
+
 /// The start of both agent scripts: picks the agent directory `$d` and defines `safe DIR`,
 /// which refuses a DIR that anyone but the login user could change (a symlink, another
 /// owner, group- or other-writable). The scripts hash the agent and then exec it by path,
 /// so a user who can write the directory could swap the file in between: as root that is
-/// code execution as root. A macro, not a const, so `concat!` can join it to each script.
+/// code execution as root.
 macro_rules! agent_dir_prologue {
     () => {
-        r#"if [ "$(id -u)" = 0 ]; then d=/var/lib/relaymove; else d="${HOME:?}/.local/lib/relaymove"; fi
-safe() {
+        concat!(
+            agent_dir!(),
+            r#"safe() {
   why=
   if [ -L "$1" ]; then why="is a symlink"
   elif [ ! -d "$1" ]; then why="is not a directory"
@@ -159,6 +172,7 @@ safe() {
   exit 96
 }
 "#
+        )
     };
 }
 
@@ -262,14 +276,10 @@ impl Host {
                 ));
             }
         };
-        let exe = std::env::current_exe().context("finding this program's path")?;
-        let bytes = tokio::fs::read(&exe)
-            .await
-            .with_context(|| format!("reading {}", exe.display()))?;
         Ok(Host::Remote {
             session: Arc::new(session),
             label,
-            digest: crate::sync::hash_cache::hex(&Sha256::digest(&bytes)),
+            digest: tokio::sync::OnceCell::new(),
             _config: config,
         })
     }
@@ -318,6 +328,7 @@ impl Host {
                 digest,
                 ..
             } => {
+                let digest = digest.get_or_try_init(own_digest).await?;
                 let mut cmd = session.clone().arc_command("sh");
                 cmd.arg("-c").arg(AGENT_START).arg("relaymove").arg(digest);
                 let mut child = cmd
@@ -418,6 +429,15 @@ impl Host {
     }
 }
 
+/// SHA-256 of this binary, in hex.
+async fn own_digest() -> Result<String> {
+    let exe = std::env::current_exe().context("finding this program's path")?;
+    let bytes = tokio::fs::read(&exe)
+        .await
+        .with_context(|| format!("reading {}", exe.display()))?;
+    Ok(crate::sync::hash_cache::hex(&Sha256::digest(&bytes)))
+}
+
 impl Host {
     /// Uploads this binary as the agent (see `AGENT_INSTALL`).
     async fn upload(&self) -> Result<()> {
@@ -434,6 +454,7 @@ impl Host {
         let bytes = tokio::fs::read(&exe)
             .await
             .with_context(|| format!("reading {}", exe.display()))?;
+        let digest = digest.get_or_try_init(own_digest).await?;
         let mut child = session
             .command("sh")
             .arg("-c")

@@ -4,6 +4,7 @@
 //! `sync/`.
 
 pub mod agent;
+pub mod cleanup;
 pub mod endpoint;
 pub mod mirror;
 pub mod protocol;

@@ -18,7 +18,7 @@ use anyhow::{bail, Context, Result};
 use nix::fcntl::{Flock, FlockArg};
 use sha2::Digest as _;
 use std::collections::{HashMap, HashSet};
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::DirBuilderExt;
@@ -107,24 +107,41 @@ fn text<T>(r: Result<T>) -> Reply<T> {
 
 /// Locks `file` exclusively without waiting and writes this process's id into it, so
 /// that a second controller is told who holds it: `Ok(Err(pid))` when another holds it.
+///
+/// `relaymove cleanup` removes lock files nobody holds. A file opened just before such a
+/// removal and locked just after it is no longer at `file`, and a third agent would lock a
+/// new one there: two holders. So the lock counts only while `file` still names the locked
+/// inode; otherwise the file is opened again.
 fn lock(file: &Path) -> Result<Result<Flock<std::fs::File>, String>> {
     use std::io::{Read, Seek};
-    use std::os::unix::fs::OpenOptionsExt;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(file)
-        .with_context(|| format!("opening the lock file {}", file.display()))?;
-    let mut locked = match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
-        Ok(l) => l,
-        Err((mut f, _)) => {
-            let mut holder = String::new();
-            let _ = f.read_to_string(&mut holder);
-            return Ok(Err(holder.trim().to_string()));
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let mut attempts = 0;
+    let mut locked = loop {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(file)
+            .with_context(|| format!("opening the lock file {}", file.display()))?;
+        let locked = match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => l,
+            Err((mut f, _)) => {
+                let mut holder = String::new();
+                let _ = f.read_to_string(&mut holder);
+                return Ok(Err(holder.trim().to_string()));
+            }
+        };
+        let held = locked.metadata()?;
+        match std::fs::symlink_metadata(file) {
+            Ok(now) if now.dev() == held.dev() && now.ino() == held.ino() => break locked,
+            _ if attempts < 10 => attempts += 1,
+            _ => bail!(
+                "the lock file {} keeps being replaced while it is taken; is a cleanup looping on this host?",
+                file.display()
+            ),
         }
     };
     locked.set_len(0)?;
@@ -198,14 +215,10 @@ fn tree_lock_file(root: &Path) -> Result<PathBuf> {
         }
     };
     let canonical = rest.iter().rev().fold(canonical, |p, n| p.join(n));
-    let dir = if nix::unistd::geteuid().is_root() {
-        PathBuf::from("/run/relaymove")
-    } else if let Some(runtime) = std::env::var_os("XDG_RUNTIME_DIR") {
-        PathBuf::from(runtime).join("relaymove")
-    } else {
-        let home = std::env::var_os("HOME").context("neither XDG_RUNTIME_DIR nor HOME is set")?;
-        PathBuf::from(home).join(".local/lib/relaymove/locks")
-    };
+    let dir = lock_dir_for(nix::unistd::geteuid().is_root(), |key| {
+        std::env::var_os(key)
+    })
+    .context("neither XDG_RUNTIME_DIR nor HOME is set")?;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -213,6 +226,18 @@ fn tree_lock_file(root: &Path) -> Result<PathBuf> {
         .with_context(|| format!("creating {}", dir.display()))?;
     let digest = sha2::Sha256::digest(canonical.as_os_str().as_bytes());
     Ok(dir.join(format!("tree-{}.lock", &hex(&digest)[..32])))
+}
+
+/// Where the tree locks of a user (`root` or not) with environment `env` live.
+/// `remote::cleanup` finds them by the same rules in shell; its tests hold the two together.
+pub(crate) fn lock_dir_for(root: bool, env: impl Fn(&str) -> Option<OsString>) -> Option<PathBuf> {
+    if root {
+        Some(PathBuf::from("/run/relaymove"))
+    } else if let Some(runtime) = env("XDG_RUNTIME_DIR") {
+        Some(PathBuf::from(runtime).join("relaymove"))
+    } else {
+        env("HOME").map(|home| PathBuf::from(home).join(".local/lib/relaymove/locks"))
+    }
 }
 
 /// The first OS error number in an error chain.

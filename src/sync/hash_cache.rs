@@ -11,6 +11,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::fs;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
@@ -154,16 +155,24 @@ impl HashCache {
 }
 
 fn cache_dir() -> Option<PathBuf> {
-    if let Some(dir) = std::env::var_os("RELAYMOVE_CACHE_DIR") {
+    cache_dir_for(nix::unistd::geteuid().is_root(), |key| {
+        std::env::var_os(key)
+    })
+}
+
+/// Where the caches of a user (`root` or not) with environment `env` live. `remote::cleanup`
+/// finds them by the same rules in shell; its tests hold the two together.
+pub(crate) fn cache_dir_for(root: bool, env: impl Fn(&str) -> Option<OsString>) -> Option<PathBuf> {
+    if let Some(dir) = env("RELAYMOVE_CACHE_DIR") {
         return (!dir.is_empty()).then(|| PathBuf::from(dir));
     }
-    if nix::unistd::geteuid().is_root() {
+    if root {
         return Some(PathBuf::from("/var/lib/relaymove/cache"));
     }
-    if let Some(x) = std::env::var_os("XDG_CACHE_HOME") {
+    if let Some(x) = env("XDG_CACHE_HOME") {
         return Some(PathBuf::from(x).join("relaymove"));
     }
-    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/relaymove"))
+    env("HOME").map(|h| PathBuf::from(h).join(".cache/relaymove"))
 }
 
 pub fn hex(bytes: &[u8]) -> String {
