@@ -118,6 +118,9 @@ for p in /proc/[0-9]*; do
   e=$(readlink "$p/exe" 2>/dev/null) || continue
   case $e in "$d"/bin/relaymove-*) printf 'running\t%s\t%s\n' "${p#/proc/}" "$e"; bad=1;; esac
 done
+# A migration under way (migrate::postfix keeps Postfix's original configuration here until
+# its finish or rollback): nothing of relaymove's may go before it ends.
+[ -f "$d/migrate/postfix/main.cf" ] && { printf 'migrating\t%s\n' "$d/migrate/postfix"; bad=1; }
 for x in "$l" $run; do
   realdir "$x" || continue
   for e in "$x"/* "$x"/.[!.]*; do
@@ -196,6 +199,8 @@ pub enum Finding {
     Busy { pid: String, path: String },
     /// A directory the script refused to search.
     Unsafe { why: String, path: String },
+    /// A migration keeps Postfix's original configuration here: it is under way.
+    Migrating { path: String },
 }
 
 /// Reads the script's output: one finding per line.
@@ -243,6 +248,9 @@ pub fn parse(output: &str) -> Result<Vec<Finding>> {
                         path: path.to_string(),
                     }
                 }
+                "migrating" => Finding::Migrating {
+                    path: rest.to_string(),
+                },
                 "unsafe" => {
                     let (why, path) = two()?;
                     Finding::Unsafe {
@@ -271,6 +279,9 @@ pub fn refusal(host: &str, status: i32, findings: &[Finding]) -> Result<()> {
                 } else {
                     " (a sync writes into a DEST)"
                 }
+            )),
+            Finding::Migrating { path } => causes.push(format!(
+                "a migration is under way (Postfix's configuration from before it is kept in {path}; `relaymove migrate` finishes it, `relaymove rollback` undoes it)"
             )),
             Finding::Unsafe { why, path } => causes.push(format!(
                 "{path} {why}, so another user could have planted names in it"
@@ -554,6 +565,25 @@ mod tests {
         assert_eq!(status, UNSAFE);
         assert!(matches!(&found[..], [Finding::Unsafe { why, .. }] if why.contains("writable")));
         assert!(bin.join(AGENT).exists());
+    }
+
+    #[test]
+    fn a_migration_under_way_refuses_the_cleanup() {
+        let home = Home::new();
+        let ours = plant_ours(&home, false);
+        let kept = home.file(
+            ".local/lib/relaymove/migrate/postfix/main.cf",
+            b"myhostname = x\n",
+        );
+        let (status, found, err) = home.run("remove", false);
+        assert_eq!(status, BUSY, "{err}");
+        let dir = kept.parent().unwrap().to_str().unwrap().to_string();
+        assert_eq!(found, [Finding::Migrating { path: dir }]);
+        for (_, path) in &ours {
+            assert!(Path::new(path).exists(), "{path} removed");
+        }
+        let msg = format!("{:#}", refusal("root@old", BUSY, &found).unwrap_err());
+        assert!(msg.contains("a migration is under way"), "{msg}");
     }
 
     #[test]
