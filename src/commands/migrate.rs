@@ -229,11 +229,10 @@ async fn plan_of(cx: &mut Cx) -> Result<bool> {
             )],
             StepId::FreezeOld => vec![
                 format!(
-                    "Postfix on old reloaded with every delivery transport in defer_transports: it accepts mail on ports {:?} and delivers none; stop and disable on old: {}",
-                    p.smtp_ports,
+                    "Postfix on old reloaded with every delivery transport in defer_transports: it accepts mail from other servers on port 25 and delivers none; stop and disable on old: {}",
                     p.stopped_at_freeze().join(", ")
                 ),
-                "no sender is refused or deferred; IMAP is down from here until activate_new".into(),
+                "no sender is refused or deferred; IMAP, and submission (its logins go through Dovecot), are down from here until activate_new".into(),
             ],
             StepId::FinalSync => vec![
                 format!(
