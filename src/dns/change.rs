@@ -406,9 +406,18 @@ pub async fn switch(
     if changes.is_empty() {
         return Ok(None);
     }
+    // Resolvers hold the replaced records for their TTL; where the switch adds a type the
+    // domain had none of (an AAAA only new has), they hold the "no such record" answer for
+    // the zone's negative-cache time (RFC 2308) and keep going to the old address meanwhile.
+    let negative_ttl = if changes.iter().any(|c| c.current.is_empty()) {
+        crate::dns::status::view(primary, &names).await.negative_ttl
+    } else {
+        None
+    };
     let old_ttl = changes
         .iter()
         .flat_map(|c| c.current.iter().map(|r| r.ttl))
+        .chain(negative_ttl)
         .max();
     apply(config, &names, primary, &changes, direction.action(), say).await?;
     let applied = now_unix();
