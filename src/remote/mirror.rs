@@ -12,6 +12,7 @@ use crate::remote::protocol::{
     read_chunk_async, read_frame_async, Hashes, ReceiveEvent, Reply, Request, Space, CHUNK,
 };
 use crate::report::progress::Progress;
+use crate::sync::changes::Changes;
 use crate::sync::manifest::{display_path, root_setuid_bits, Digest, Kind, Manifest, Skipped};
 use crate::sync::plan::{self, Plan, PlanOptions};
 use crate::sync::receive::ReceiveStats;
@@ -75,6 +76,8 @@ impl Default for MirrorOptions {
 pub struct MirrorOutcome {
     pub src: Manifest,
     pub plan: Plan,
+    /// What the plan changes, path by path; after a run, what it changed.
+    pub changes: Changes,
     /// Default (nothing written) for a dry run or an empty plan.
     pub stats: ReceiveStats,
     pub scanned: Duration,
@@ -240,6 +243,7 @@ pub async fn mirror(
     let plan = plan::build(&src_m, &dest_m, &plan_opts)
         .with_context(|| format!("planning {src_what} → {dest_what}"))?;
     let planned = start.elapsed();
+    let mut changes = Changes::of(&src_m, &dest_m, &plan);
     let mut stats = if opts.dry_run || plan.is_empty() {
         ReceiveStats::default()
     } else {
@@ -273,6 +277,9 @@ pub async fn mirror(
             )
         })?
     };
+    if !opts.dry_run {
+        changes.received(&stats);
+    }
     if !unset.is_empty() {
         let shown: Vec<String> = unset.iter().take(5).map(|p| display_path(p)).collect();
         stats.warnings.push(format!(
@@ -286,6 +293,7 @@ pub async fn mirror(
     Ok(MirrorOutcome {
         src: src_m,
         plan,
+        changes,
         stats,
         scanned,
         planned,

@@ -3,6 +3,13 @@
 pub mod events;
 pub mod finding;
 pub mod progress;
+pub mod sync_report;
+
+/// A byte count for people, in binary units (`23.44 KiB`, `1.50 GiB`): the units of the
+/// progress bar, used by every line that shows a size so they can be compared.
+pub fn size(bytes: u64) -> String {
+    indicatif::HumanBytes(bytes).to_string()
+}
 
 /// `text` safe to print on a terminal: control and other non-printable characters (ESC,
 /// CR, bidi overrides) become Rust escapes such as `\u{1b}`. For text from outside, like

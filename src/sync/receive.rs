@@ -58,9 +58,6 @@ pub struct ReceiveStats {
     pub files_written: u64,
     pub bytes_written: u64,
     pub wire_bytes: u64,
-    pub renamed: u64,
-    pub deleted: u64,
-    pub hardlinks: u64,
     /// True when every file written had its SHA-256 checked against the sender's.
     pub verified: bool,
     /// Paths the sender reported gone from the live source after the scan.
@@ -478,9 +475,6 @@ impl<'p> Receiver<'p> {
         for rel in &self.plan.delete {
             self.tree.remove(rel)?;
         }
-        self.stats.deleted = self.plan.stats.deleted;
-        // Reused content and new names linked to content DEST already had.
-        self.stats.renamed = self.plan.stats.renamed;
         for rel in &self.plan.mkdir {
             if !rel.is_empty() {
                 self.tree.mkdir(rel)?;
@@ -757,7 +751,6 @@ impl<'p> Receiver<'p> {
                         .with_context(|| format!("linking {what} to {}", self.tree.show(target)))?;
                         tmp.commit_link(name)
                             .with_context(|| format!("renaming into {what}"))?;
-                        self.stats.hardlinks += 1;
                     }
                     MemberKind::Symlink { target } => {
                         nix::unistd::symlinkat(
@@ -855,7 +848,6 @@ impl<'p> Receiver<'p> {
             .with_context(|| format!("linking {what} to {}", self.tree.show(&link.from)))?;
             tmp.commit_link(name)
                 .with_context(|| format!("renaming into {what}"))?;
-            self.stats.hardlinks += 1;
         }
         Ok(())
     }
