@@ -635,7 +635,7 @@ fn a_dest_too_small_is_refused_before_anything_is_written() {
     assert_eq!(code, Some(1), "{msg}");
     assert!(
         msg.contains(&format!(
-            "not enough space for DEST: need 4.2 MB, 2.1 MB free on this host:{}; nothing was changed",
+            "not enough space for DEST: need 4.00 MiB, 2.00 MiB free on this host:{}; nothing was changed",
             dest.display()
         )),
         "{msg}"

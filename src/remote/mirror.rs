@@ -12,6 +12,7 @@ use crate::remote::protocol::{
     read_chunk_async, read_frame_async, Hashes, ReceiveEvent, Reply, Request, Space, CHUNK,
 };
 use crate::report::progress::Progress;
+use crate::report::size;
 use crate::sync::changes::Changes;
 use crate::sync::manifest::{display_path, root_setuid_bits, Digest, Kind, Manifest, Skipped};
 use crate::sync::plan::{self, Plan, PlanOptions};
@@ -368,13 +369,12 @@ fn needed(plan: &Plan, dest: &Manifest, block: u64) -> Needed {
 
 /// Refuses, before anything is written, a transfer that cannot fit.
 fn check_space(need: &Needed, space: &Space, dest_what: &str) -> Result<()> {
-    let mb = |b: u64| format!("{:.1} MB", b as f64 / 1e6);
     if need.bytes > space.bytes_free {
         bail!(
             "not enough space for DEST: need {}, {} free on {dest_what}; nothing was changed\nhint: make room on that \
              file system (or grow it), or sync into a larger one",
-            mb(need.bytes),
-            mb(space.bytes_free)
+            size(need.bytes),
+            size(space.bytes_free)
         );
     }
     if need.inodes > space.inodes_free {
