@@ -202,6 +202,9 @@ pub async fn mirror(
             .await
             .with_context(|| format!("locking {dest_what}"))?;
     }
+    // Cleared when the mirror returns, before its caller prints the outcome or the error.
+    let mut progress = Progress::new(opts.progress);
+    progress.phase(format!("scanning {src_what} and {dest_what}"));
     let (mut src_m, mut dest_m) =
         scan_both_within(&mut src, &mut dest, opts.checksum, &opts.excludes, limit).await?;
     if !src_m.root_exists && !opts.allow_empty_source {
@@ -225,6 +228,10 @@ pub async fn mirror(
     };
     let request = plan::hash_request(&src_m, &dest_m, &plan_opts);
     if !request.src.is_empty() {
+        progress.phase(format!(
+            "hashing {} rename candidates",
+            request.src.len() + request.dest.len()
+        ));
         let hash = |root: &Path, paths: Vec<Vec<u8>>| Request::Hash {
             root: root_bytes(root),
             paths,
@@ -241,6 +248,7 @@ pub async fn mirror(
         fill_hashes(&mut src_m, hs?);
         fill_hashes(&mut dest_m, hd?);
     }
+    progress.phase("planning".to_string());
     let plan = plan::build(&src_m, &dest_m, &plan_opts)
         .with_context(|| format!("planning {src_what} → {dest_what}"))?;
     let planned = start.elapsed();
@@ -260,23 +268,19 @@ pub async fn mirror(
             Some(path) => Some(create_tee(path)?),
             None => None,
         };
-        let mut progress = Progress::new(
-            opts.progress,
-            plan.stats.files_to_send,
-            plan.stats.bytes_to_send,
-        );
-        let result = transfer(src, dest, &plan, opts, tee, &mut progress).await;
-        progress.finish();
-        result.map_err(|e| {
-            let errno = e
-                .chain()
-                .find_map(|c| c.downcast_ref::<ReceiverFailed>())
-                .and_then(|f| f.errno);
-            anyhow!(
-                "sync {src_what} → {dest_what} failed: {e:#}\nhint: {}",
-                failure_hint(errno, &dest_what)
-            )
-        })?
+        progress.transfer(plan.stats.files_to_send, plan.stats.bytes_to_send);
+        transfer(src, dest, &plan, opts, tee, &mut progress)
+            .await
+            .map_err(|e| {
+                let errno = e
+                    .chain()
+                    .find_map(|c| c.downcast_ref::<ReceiverFailed>())
+                    .and_then(|f| f.errno);
+                anyhow!(
+                    "sync {src_what} → {dest_what} failed: {e:#}\nhint: {}",
+                    failure_hint(errno, &dest_what)
+                )
+            })?
     };
     if !opts.dry_run {
         changes.received(&stats);
@@ -531,13 +535,12 @@ async fn transfer(
         }
         relayed
     };
-    let total_files = plan.stats.files_to_send;
     let watch = async {
         loop {
             match read_frame_async::<ReceiveEvent>(receiver_output).await {
                 Ok(ReceiveEvent::Progress(p)) => {
                     active();
-                    progress.update(&p, total_files)
+                    progress.update(&p)
                 }
                 Ok(ReceiveEvent::Done(stats)) => return Ok(stats),
                 Ok(ReceiveEvent::Failed { message, errno }) => {

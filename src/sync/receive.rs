@@ -233,6 +233,9 @@ fn open_nofollow(dir: BorrowedFd<'_>, name: &OsStr) -> nix::Result<OwnedFd> {
 const CHANGED_DURING_SYNC: &str =
     "changed on the source during the sync (its content no longer matched its SHA-256); DEST keeps its old version";
 
+/// How often the receiver reports progress, within a big file too.
+const PROGRESS_EVERY: Duration = Duration::from_millis(200);
+
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 fn temp_name() -> OsString {
@@ -315,10 +318,13 @@ enum CopyError {
 }
 
 /// Writes `src` to `out` while hashing it; returns the digest and byte count.
+/// Copies `src` to `out`, hashing it; `copied` hears the bytes copied so far, so a big file
+/// shows progress before it is complete.
 fn copy_hashing(
     src: &mut impl Read,
     out: &mut File,
     buf: &mut [u8],
+    copied: &mut impl FnMut(u64),
 ) -> Result<(Digest, u64), CopyError> {
     let mut hasher = Sha256::new();
     let mut total = 0u64;
@@ -332,6 +338,7 @@ fn copy_hashing(
         hasher.update(&buf[..n]);
         out.write_all(&buf[..n]).map_err(CopyError::Write)?;
         total += n as u64;
+        copied(total);
     }
     Ok((hasher.finalize().into(), total))
 }
@@ -569,7 +576,7 @@ impl<'p> Receiver<'p> {
                         Mode::from_bits_truncate(0o600),
                     )?;
                     let mut out = File::from(out);
-                    let (copied, _) = copy_hashing(&mut file, &mut out, &mut self.buf)
+                    let (copied, _) = copy_hashing(&mut file, &mut out, &mut self.buf, &mut |_| {})
                         .map_err(|(CopyError::Read(e) | CopyError::Write(e))| e)
                         .with_context(|| format!("copying {what}"))?;
                     if copied != reuse.digest {
@@ -697,7 +704,19 @@ impl<'p> Receiver<'p> {
                         )
                         .with_context(|| format!("creating a temporary file for {what}"))?;
                         let mut file = File::from(fd);
-                        let (got, n) = match copy_hashing(&mut entry, &mut file, &mut self.buf) {
+                        let (files, before) = (self.stats.files_written, self.stats.bytes_written);
+                        let mut copied = |so_far: u64| {
+                            if last_report.elapsed() > PROGRESS_EVERY {
+                                last_report = Instant::now();
+                                progress(ReceiveProgress {
+                                    files,
+                                    bytes: before + so_far,
+                                    wire_bytes: wire.load(Ordering::Relaxed),
+                                });
+                            }
+                        };
+                        let copy = copy_hashing(&mut entry, &mut file, &mut self.buf, &mut copied);
+                        let (got, n) = match copy {
                             Ok(done) => done,
                             Err(CopyError::Read(e)) => return Err(cut(&e)),
                             Err(CopyError::Write(e)) => {
@@ -782,7 +801,7 @@ impl<'p> Receiver<'p> {
                             .with_context(|| format!("renaming into {what}"))?;
                     }
                 }
-                if last_report.elapsed() > Duration::from_millis(200) {
+                if last_report.elapsed() > PROGRESS_EVERY {
                     last_report = Instant::now();
                     progress(ReceiveProgress {
                         files: self.stats.files_written,
