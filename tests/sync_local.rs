@@ -110,8 +110,8 @@ fn mirrors_every_kind_of_entry_then_follows_changes() {
         .as_str()
         .unwrap()
         .contains("socket"));
-    assert_eq!(r["hardlinks"], 3, "{r}");
-    assert!(r["files_sent"].as_u64().unwrap() >= 14);
+    assert_eq!(r["linked"], 3, "{r}");
+    assert!(r["sent"].as_u64().unwrap() >= 14);
     assert!(r["wire_bytes"].as_u64().unwrap() < r["bytes_sent"].as_u64().unwrap());
 
     // Mutate: add, delete, modify in place, Maildir moves, type changes, a planted symlink.
@@ -158,7 +158,7 @@ fn mirrors_every_kind_of_entry_then_follows_changes() {
     let r = sync_json(&src, &dest, KEEP, &cache);
     assert_eq!(
         (
-            r["files_sent"].as_u64(),
+            r["sent"].as_u64(),
             r["wire_bytes"].as_u64(),
             r["deleted"].as_u64()
         ),
@@ -204,7 +204,7 @@ fn root_setuid_and_setgid_files_arrive_without_those_bits_and_a_warning_unless_k
     );
     // Without the bits DEST counts as up to date: a rerun plans nothing, and warns again.
     let r = sync_json(&src, &dest, &[], &cache);
-    assert_eq!(r["files_sent"], 0, "{r}");
+    assert_eq!(r["sent"], 0, "{r}");
     assert!(sync_json(&src, &dest, &["-v"], &cache)["warnings"][0]
         .as_str()
         .is_some_and(|w| w.contains("--keep-setuid")));
@@ -234,16 +234,164 @@ fn flag_renames_and_moves_are_not_resent() {
     );
     let r = sync_json(&src, &dest, &[], &cache);
     assert_mirror(&src, &dest);
-    assert_eq!(r["renamed"].as_u64(), Some(m.renamed), "{r}");
-    assert_eq!(r["files_sent"].as_u64(), Some(m.new_messages), "{r}");
-    assert_eq!(r["bytes_sent"].as_u64(), Some(m.new_bytes), "{r}");
-    // The old name of a renamed message that also has a hard-linked copy is unlinked, not
-    // moved (the new name links to the copy), so it counts as a delete.
-    let (deleted, links) = (
-        r["deleted"].as_u64().unwrap(),
-        r["hardlinks"].as_u64().unwrap(),
+    assert_counts_add_up(&r);
+    // Each count is what the day did, once: a renamed message that also has a hard-linked
+    // name is placed by a link, but it is a rename, and its old name is no delete.
+    let count = |k: &str| r[k].as_u64();
+    assert_eq!(count("renamed"), Some(m.renamed), "{r}");
+    assert_eq!(count("sent"), Some(m.new_messages), "{r}");
+    assert_eq!(count("bytes_sent"), Some(m.new_bytes), "{r}");
+    assert_eq!(count("deleted"), Some(m.deleted), "{r}");
+    assert_eq!(
+        (count("linked"), count("copied")),
+        (Some(0), Some(0)),
+        "{r}"
     );
-    assert!(deleted >= m.deleted && deleted <= m.deleted + links, "{r}");
+}
+
+/// The SRC entries scanned, by type, add up to the entries in each category of change.
+fn assert_counts_add_up(r: &serde_json::Value) {
+    let sum = |keys: &[&str]| -> u64 { keys.iter().map(|k| r[k].as_u64().unwrap()).sum() };
+    let scanned = sum(&[
+        "files_scanned",
+        "dirs_scanned",
+        "symlinks_scanned",
+        "others_scanned",
+    ]);
+    let accounted = sum(&[
+        "sent",
+        "renamed",
+        "copied",
+        "linked",
+        "dirs_created",
+        "attrs_only",
+        "unchanged",
+    ]) + r["skipped"].as_array().unwrap().len() as u64;
+    assert_eq!(scanned, accounted, "the counts do not add up: {r}");
+}
+
+#[test]
+fn every_change_is_counted_once_and_verbose_json_lists_the_paths() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dest, cache) = (
+        t.path().join("src"),
+        t.path().join("dest"),
+        t.path().join("cache"),
+    );
+    write(&src, b"keep", b"unchanged");
+    write(&src, b"edit", b"before");
+    write(&src, b"log", b"yesterday's log");
+    write(&src, b"cur/m1:2,", b"a message");
+    write(&src, b"cur/shared", b"two names");
+    fs::create_dir(p(&src, b"other")).unwrap();
+    fs::hard_link(p(&src, b"cur/shared"), p(&src, b"other/shared")).unwrap();
+    write(&src, b"gone/x", b"to be deleted");
+    symlink("keep", p(&src, b"ln-old")).unwrap();
+    let r = sync_json(&src, &dest, &[], &cache);
+    assert_counts_add_up(&r);
+    assert!(
+        r.get("changes").is_none(),
+        "paths are listed only with -v: {r}"
+    );
+
+    write(&src, b"edit", b"after, and longer");
+    write(&src, b"added/new", b"new");
+    write(&src, b"new-\xff", b"a name that is not UTF-8");
+    // A rotated log: the old content moves, the old name gets new content.
+    fs::rename(p(&src, b"log"), p(&src, b"log.1")).unwrap();
+    write(&src, b"log", b"today's log, a longer one");
+    fs::rename(p(&src, b"cur/m1:2,"), p(&src, b"cur/m1:2,S")).unwrap();
+    fs::hard_link(p(&src, b"keep"), p(&src, b"keep2")).unwrap();
+    fs::remove_dir_all(p(&src, b"gone")).unwrap();
+    fs::remove_file(p(&src, b"ln-old")).unwrap();
+    symlink("edit", p(&src, b"ln-new")).unwrap();
+    chmod(&src, b"cur/shared", 0o600);
+
+    let r = sync_json(&src, &dest, &["-v"], &cache);
+    assert_mirror(&src, &dest);
+    assert_counts_add_up(&r);
+    let n = |k: &str| r[k].as_u64().unwrap();
+    assert_eq!(
+        [
+            n("files_scanned"),
+            n("dirs_scanned"),
+            n("symlinks_scanned"),
+            n("others_scanned")
+        ],
+        [10, 3, 1, 0],
+        "{r}"
+    );
+    assert_eq!(
+        r["changes"],
+        serde_json::json!({
+            "sent": ["added/new", "edit", "ln-new", "log", {"bytes": "bmV3Lf8="}],
+            "renamed": [
+                {"from": "cur/m1:2,", "to": "cur/m1:2,S"},
+                {"from": "log", "to": "log.1"},
+            ],
+            "copied": [],
+            "linked": [{"from": "keep", "to": "keep2"}],
+            "dirs_created": ["added"],
+            // `cur` lost and gained a name, so its mtime changed; both names of the
+            // hard-linked file show its new mode.
+            "attrs_only": ["cur", "cur/shared", "other/shared"],
+            "deleted": ["gone", "gone/x", "ln-old"],
+        }),
+        "{r}"
+    );
+    assert_eq!(n("unchanged"), 2, "keep and other/: {r}");
+    assert_eq!(
+        n("bytes_sent"),
+        3 + 17 + 24 + 25,
+        "file contents, not symlinks: {r}"
+    );
+}
+
+#[test]
+fn a_dry_run_says_what_it_would_send_in_binary_units_and_claims_no_stream() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dest, cache) = (
+        t.path().join("src"),
+        t.path().join("dest"),
+        t.path().join("cache"),
+    );
+    write(&src, b"a", &[1u8; 2048]);
+    let _ = sync_json(&src, &dest, &[], &cache);
+    write(&src, b"b", &[2u8; 3072]);
+    fs::rename(p(&src, b"a"), p(&src, b"a2")).unwrap();
+
+    let args = sync_args(&[OsStr::new("-n")], &src, &dest);
+    let a: Vec<&OsStr> = args.iter().map(|x| x.as_os_str()).collect();
+    let out = relaymove(&a, &cache);
+    assert!(out.status.success());
+    let (listing, summary) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(listing, "rename  a -> a2\nsend    b\n");
+    assert!(
+        summary.contains(
+            ": 2 entries (2 files): would send 1 (3.00 KiB), rename 1; 0 unchanged; \
+             would delete 0 from DEST; dry run, nothing was changed ["
+        ),
+        "{summary}"
+    );
+    let r = sync_json(&src, &dest, &["-n"], &cache);
+    assert_eq!(
+        (
+            &r["dry_run"],
+            &r["wire_bytes"],
+            &r["sent"],
+            &r["bytes_sent"]
+        ),
+        (
+            &serde_json::json!(true),
+            &serde_json::Value::Null,
+            &serde_json::json!(1),
+            &serde_json::json!(3072)
+        ),
+        "a dry run streams nothing: {r}"
+    );
 }
 
 #[test]
@@ -260,9 +408,9 @@ fn checksum_mode_finds_content_changes_that_keep_size_and_mtime() {
     fs::write(p(&src, b"f"), b"bbbb").unwrap();
     set_mtime(&p(&src, b"f"), 1_000_000, 0);
     let r = sync_json(&src, &dest, &[], &cache);
-    assert_eq!(r["files_sent"], 0, "size+mtime cannot see this change");
+    assert_eq!(r["sent"], 0, "size+mtime cannot see this change");
     let r = sync_json(&src, &dest, &["--checksum"], &cache);
-    assert_eq!(r["files_sent"], 1);
+    assert_eq!(r["sent"], 1);
     assert_mirror(&src, &dest);
 }
 
@@ -299,7 +447,7 @@ fn no_delete_dry_run_and_exclude() {
     assert_eq!(
         (
             r["dry_run"].as_bool(),
-            r["files_sent"].as_u64(),
+            r["sent"].as_u64(),
             r["deleted"].as_u64()
         ),
         (Some(true), Some(1), Some(1)),
@@ -487,7 +635,7 @@ fn a_dest_too_small_is_refused_before_anything_is_written() {
     assert_eq!(code, Some(1), "{msg}");
     assert!(
         msg.contains(&format!(
-            "not enough space for DEST: need 4.2 MB, 2.1 MB free on this host:{}; nothing was changed",
+            "not enough space for DEST: need 4.00 MiB, 2.00 MiB free on this host:{}; nothing was changed",
             dest.display()
         )),
         "{msg}"

@@ -220,7 +220,7 @@ fn syncs_in_all_three_directions() {
         .sync(&remote(&b), &remote(&c), &cache)
         .output()
         .unwrap());
-    assert_eq!(r["files_sent"], 0);
+    assert_eq!(r["sent"], 0);
 }
 
 #[test]

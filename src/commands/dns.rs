@@ -7,6 +7,8 @@ use crate::dns::server::Server;
 use crate::dns::status::{self, agreement, Names, ServerView};
 use crate::report::finding::Level;
 use crate::report::printable;
+// Migrate shows times the same way.
+pub use crate::report::utc;
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 use serde::Serialize;
@@ -79,27 +81,6 @@ pub fn run(cmd: DnsCmd) -> Result<i32> {
 /// Progress and instructions of a DNS change, on stderr (stdout holds the result).
 fn say(message: &str) {
     eprintln!("relaymove: {message}");
-}
-
-/// `YYYY-MM-DD HH:MM:SS UTC` for Unix seconds (civil-from-days, H. Hinnant's algorithm).
-pub fn utc(secs: u64) -> String {
-    let days = (secs / 86400) as i64;
-    let rem = secs % 86400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }
 
 #[derive(Serialize)]
@@ -425,16 +406,4 @@ async fn check(config: &Config, json: bool) -> Result<i32> {
         }
     }
     Ok(if failed { 1 } else { 0 })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::utc;
-
-    #[test]
-    fn utc_formats_known_instants() {
-        assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
-        assert_eq!(utc(1_795_000_000), "2026-11-18 11:06:40 UTC");
-        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00 UTC");
-    }
 }

@@ -6,6 +6,7 @@ use crate::dns::change::{self, Direction};
 use crate::migrate::journal::{self, Journal, StepState};
 use crate::migrate::{self, Cx, Options, Range, StepId, STEPS};
 use crate::report::events::{Event, Reporter};
+use crate::report::size;
 use anyhow::{anyhow, Context, Result};
 use clap::Args;
 use serde_json::{json, Value};
@@ -194,9 +195,9 @@ async fn plan_of(cx: &mut Cx) -> Result<bool> {
             ts.iter()
                 .map(|t| {
                     format!(
-                        "{} ({:.1} MB, {} inodes): {}",
+                        "{} ({}, {} inodes): {}",
                         t["path"].as_str().unwrap_or("?"),
-                        t["bytes"].as_u64().unwrap_or(0) as f64 / 1e6,
+                        size(t["bytes"].as_u64().unwrap_or(0)),
                         t["inodes"].as_u64().unwrap_or(0),
                         t["why"].as_str().unwrap_or("")
                     )

@@ -6,11 +6,10 @@
 use crate::remote::agent::{Agent, Host, SshOptions};
 use crate::remote::endpoint::Endpoint;
 use crate::remote::mirror::{mirror, MirrorOptions, MirrorOutcome, Side, DEFAULT_TIMEOUT};
+use crate::report::sync_report::{listing, summary, RunFacts, SyncReport};
 use crate::sync::manifest::display_path;
-use crate::sync::plan::{Plan, ReuseMode};
 use anyhow::{anyhow, Context, Result};
 use clap::Args;
-use serde::Serialize;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -52,7 +51,7 @@ pub struct SyncCmd {
     /// Allow an empty or missing SRC to empty DEST.
     #[arg(long)]
     pub allow_empty_source: bool,
-    /// Print one JSON object with the results on stdout.
+    /// Print one JSON object with the results on stdout; with -v, every changed path too.
     #[arg(long)]
     pub json: bool,
     /// Print only errors.
@@ -95,29 +94,6 @@ pub struct SyncCmd {
     /// ssh_config file to use instead of ~/.ssh/config.
     #[arg(long, env = "RELAYMOVE_SSH_CONFIG", value_name = "FILE")]
     pub ssh_config: Option<PathBuf>,
-}
-
-#[derive(Serialize)]
-struct SkippedJson {
-    path: String,
-    reason: String,
-}
-
-/// The `--json` result. Scripts depend on these field names.
-#[derive(Serialize)]
-struct SyncReport {
-    files_scanned: u64,
-    files_sent: u64,
-    bytes_sent: u64,
-    wire_bytes: u64,
-    renamed: u64,
-    deleted: u64,
-    hardlinks: u64,
-    skipped: Vec<SkippedJson>,
-    verified: bool,
-    elapsed_s: f64,
-    dry_run: bool,
-    warnings: Vec<String>,
 }
 
 pub fn run(cmd: SyncCmd) -> Result<i32> {
@@ -294,15 +270,16 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
         }
     };
     let left_behind = outcome.left_behind().len();
+    let verified = outcome.verified();
     let MirrorOutcome {
-        src: src_m,
-        plan,
+        changes,
         stats,
         scanned,
         planned,
+        ..
     } = outcome;
     if (cmd.dry_run || cmd.verbose) && !cmd.json {
-        print_plan(&plan)?;
+        listing(&changes, &mut std::io::stdout().lock()).context("writing the listing")?;
     }
     src.close().await;
     dest.close().await;
@@ -317,48 +294,14 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
             stats.sync_s,
         );
     }
-
-    let mut skipped: Vec<SkippedJson> = src_m
-        .skipped
-        .iter()
-        .chain(stats.vanished.iter())
-        .map(|s| SkippedJson {
-            path: display_path(&s.path),
-            reason: s.reason.clone(),
-        })
-        .collect();
-    skipped.sort_by(|a, b| a.path.cmp(&b.path));
-    let mut report = if cmd.dry_run {
-        SyncReport {
-            files_scanned: src_m.entries.len() as u64,
-            files_sent: plan.stats.files_to_send,
-            bytes_sent: plan.stats.bytes_to_send,
-            wire_bytes: 0,
-            renamed: plan.stats.renamed,
-            deleted: plan.stats.deleted,
-            hardlinks: plan.stats.hardlinks,
-            skipped,
-            verified: false,
-            elapsed_s: start.elapsed().as_secs_f64(),
-            dry_run: true,
-            warnings: Vec::new(),
-        }
-    } else {
-        SyncReport {
-            files_scanned: src_m.entries.len() as u64,
-            files_sent: stats.files_written,
-            bytes_sent: stats.bytes_written,
-            wire_bytes: stats.wire_bytes,
-            renamed: stats.renamed,
-            deleted: stats.deleted,
-            hardlinks: stats.hardlinks,
-            skipped,
-            verified: plan.is_empty() || stats.verified,
-            elapsed_s: start.elapsed().as_secs_f64(),
-            dry_run: false,
-            warnings: stats.warnings.clone(),
-        }
+    let run = RunFacts {
+        dry_run: cmd.dry_run,
+        wire_bytes: stats.wire_bytes,
+        verified: verified && !cmd.dry_run,
+        elapsed_s: start.elapsed().as_secs_f64(),
+        warnings: stats.warnings,
     };
+    let mut report = SyncReport::new(&changes, run, cmd.verbose);
     if left_behind > 0 {
         report.warnings.push(format!(
             "{left_behind} files changed or vanished on the source during the sync and were left behind \
@@ -369,9 +312,9 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
         for w in &report.warnings {
             eprintln!("relaymove: warning: {w}");
         }
-        for s in &report.skipped {
-            if cmd.verbose {
-                eprintln!("relaymove: skipped {}: {}", s.path, s.reason);
+        if cmd.verbose {
+            for s in &changes.skipped {
+                eprintln!("relaymove: skipped {}: {}", display_path(&s.path), s.reason);
             }
         }
     }
@@ -417,69 +360,3 @@ const INTERRUPTED: i32 = 130;
 
 /// Exit status of a sync that finished but left files behind (see `SyncCmd`).
 const LEFT_BEHIND: i32 = 3;
-
-fn summary(r: &SyncReport, src: &str, dest: &str) -> String {
-    let mb = |b: u64| b as f64 / 1e6;
-    let verb = if r.dry_run { "would send" } else { "sent" };
-    let mut s = format!(
-        "relaymove: {src} → {dest}: {} entries scanned, {verb} {} files ({:.1} MB, {:.1} MB on the wire), {} renamed, {} deleted, {} hard links",
-        r.files_scanned, r.files_sent, mb(r.bytes_sent), mb(r.wire_bytes), r.renamed, r.deleted, r.hardlinks
-    );
-    if !r.skipped.is_empty() {
-        s.push_str(&format!(", {} skipped (-v lists them)", r.skipped.len()));
-    }
-    if r.verified && !r.dry_run {
-        s.push_str("; every file written was checked against its SHA-256");
-    }
-    s.push_str(&format!(" [{:.2}s]", r.elapsed_s));
-    s
-}
-
-fn print_plan(plan: &Plan) -> Result<()> {
-    let mut out = std::io::stdout().lock();
-    for p in &plan.delete {
-        writeln!(out, "delete  {}", display_path(p))?;
-    }
-    for p in &plan.mkdir {
-        writeln!(out, "mkdir   {}/", display_path(p))?;
-    }
-    for r in &plan.reuse {
-        let verb = if r.mode == ReuseMode::Link {
-            "rename "
-        } else {
-            "copy   "
-        };
-        writeln!(
-            out,
-            "{verb} {} -> {}",
-            display_path(&r.from),
-            display_path(&r.to)
-        )?;
-    }
-    for s in &plan.send {
-        match &s.link_to {
-            Some(t) => writeln!(
-                out,
-                "link    {} => {}",
-                display_path(&s.path),
-                display_path(t)
-            )?,
-            None => writeln!(out, "send    {}", display_path(&s.path))?,
-        }
-    }
-    for l in &plan.link {
-        writeln!(
-            out,
-            "link    {} => {}",
-            display_path(&l.to),
-            display_path(&l.from)
-        )?;
-    }
-    for m in &plan.meta {
-        writeln!(out, "attrs   {}", display_path(&m.path))?;
-    }
-    for d in &plan.dirs {
-        writeln!(out, "attrs   {}/", display_path(&d.path))?;
-    }
-    Ok(())
-}

@@ -7,6 +7,7 @@ use crate::migrate::trees::present_trees;
 use crate::migrate::{now_unix, Cx, Node, StepId};
 use crate::report::events::Event;
 use crate::report::finding::{Finding, Level};
+use crate::report::size;
 use anyhow::{bail, Result};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -203,9 +204,9 @@ pub async fn check(cx: &mut Cx) -> Result<(Vec<Finding>, Value)> {
             f.push(Finding::fail(
                 "space",
                 format!(
-                    "new's {fs} has {:.1} GB and {iavail} inodes free; the move needs {:.1} GB and {inodes} inodes more (with margin)",
-                    *avail as f64 / 1e9,
-                    want as f64 / 1e9
+                    "new's {fs} has {} and {iavail} inodes free; the move needs {} and {inodes} inodes more (with margin)",
+                    size(*avail),
+                    size(want)
                 ),
                 "grow the file system on new, or free space there",
             ));
@@ -213,9 +214,9 @@ pub async fn check(cx: &mut Cx) -> Result<(Vec<Finding>, Value)> {
             f.push(Finding::ok(
                 "space",
                 format!(
-                    "new's {fs}: {:.1} GB free, {:.1} GB to copy",
-                    *avail as f64 / 1e9,
-                    *bytes as f64 / 1e9
+                    "new's {fs}: {} free, {} to copy",
+                    size(*avail),
+                    size(*bytes)
                 ),
             ));
         }

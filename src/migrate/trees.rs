@@ -9,6 +9,7 @@ use crate::migrate::journal::{self, StepState};
 use crate::migrate::profile::Tree;
 use crate::migrate::{Cx, Journal, StepId};
 use crate::remote::mirror::{mirror, scan_both, MirrorOptions, Side};
+use crate::report::size;
 use crate::sync::manifest::{Kind, Manifest};
 use crate::sync::verify::{compare, Content};
 use anyhow::{bail, Context, Result};
@@ -74,14 +75,15 @@ async fn mirror_tree(
     )
     .await?;
     let s = &outcome.stats;
+    let c = &outcome.changes;
     let line = format!(
-        "{}: {} entries, {} files sent ({:.1} MB), {} renamed, {} deleted{}",
+        "{}: {} entries, {} files sent ({}), {} renamed, {} deleted{}",
         path.display(),
         outcome.src.entries.len(),
         s.files_written,
-        s.bytes_written as f64 / 1e6,
-        s.renamed,
-        s.deleted,
+        size(s.bytes_written),
+        c.renamed.len(),
+        c.deleted.len(),
         if outcome.verified() {
             ""
         } else {
@@ -98,8 +100,8 @@ async fn mirror_tree(
         "bytes": outcome.src.entries.iter().filter(|e| e.kind == Kind::File).map(|e| e.size).sum::<u64>(),
         "files_sent": s.files_written,
         "bytes_sent": s.bytes_written,
-        "renamed": s.renamed,
-        "deleted": s.deleted,
+        "renamed": c.renamed.len(),
+        "deleted": c.deleted.len(),
         "skipped": outcome.src.skipped.len() + s.vanished.len(),
     }))
 }

@@ -12,6 +12,8 @@ use crate::remote::protocol::{
     read_chunk_async, read_frame_async, Hashes, ReceiveEvent, Reply, Request, Space, CHUNK,
 };
 use crate::report::progress::Progress;
+use crate::report::size;
+use crate::sync::changes::Changes;
 use crate::sync::manifest::{display_path, root_setuid_bits, Digest, Kind, Manifest, Skipped};
 use crate::sync::plan::{self, Plan, PlanOptions};
 use crate::sync::receive::ReceiveStats;
@@ -75,6 +77,8 @@ impl Default for MirrorOptions {
 pub struct MirrorOutcome {
     pub src: Manifest,
     pub plan: Plan,
+    /// What the plan changes, path by path; after a run, what it changed.
+    pub changes: Changes,
     /// Default (nothing written) for a dry run or an empty plan.
     pub stats: ReceiveStats,
     pub scanned: Duration,
@@ -198,6 +202,9 @@ pub async fn mirror(
             .await
             .with_context(|| format!("locking {dest_what}"))?;
     }
+    // Cleared when the mirror returns, before its caller prints the outcome or the error.
+    let mut progress = Progress::new(opts.progress);
+    progress.phase(format!("scanning {src_what} and {dest_what}"));
     let (mut src_m, mut dest_m) =
         scan_both_within(&mut src, &mut dest, opts.checksum, &opts.excludes, limit).await?;
     if !src_m.root_exists && !opts.allow_empty_source {
@@ -221,6 +228,10 @@ pub async fn mirror(
     };
     let request = plan::hash_request(&src_m, &dest_m, &plan_opts);
     if !request.src.is_empty() {
+        progress.phase(format!(
+            "hashing {} rename candidates",
+            request.src.len() + request.dest.len()
+        ));
         let hash = |root: &Path, paths: Vec<Vec<u8>>| Request::Hash {
             root: root_bytes(root),
             paths,
@@ -237,9 +248,11 @@ pub async fn mirror(
         fill_hashes(&mut src_m, hs?);
         fill_hashes(&mut dest_m, hd?);
     }
+    progress.phase("planning".to_string());
     let plan = plan::build(&src_m, &dest_m, &plan_opts)
         .with_context(|| format!("planning {src_what} → {dest_what}"))?;
     let planned = start.elapsed();
+    let mut changes = Changes::of(&src_m, &dest_m, &plan);
     let mut stats = if opts.dry_run || plan.is_empty() {
         ReceiveStats::default()
     } else {
@@ -255,24 +268,23 @@ pub async fn mirror(
             Some(path) => Some(create_tee(path)?),
             None => None,
         };
-        let mut progress = Progress::new(
-            opts.progress,
-            plan.stats.files_to_send,
-            plan.stats.bytes_to_send,
-        );
-        let result = transfer(src, dest, &plan, opts, tee, &mut progress).await;
-        progress.finish();
-        result.map_err(|e| {
-            let errno = e
-                .chain()
-                .find_map(|c| c.downcast_ref::<ReceiverFailed>())
-                .and_then(|f| f.errno);
-            anyhow!(
-                "sync {src_what} → {dest_what} failed: {e:#}\nhint: {}",
-                failure_hint(errno, &dest_what)
-            )
-        })?
+        progress.transfer(plan.stats.files_to_send, plan.stats.bytes_to_send);
+        transfer(src, dest, &plan, opts, tee, &mut progress)
+            .await
+            .map_err(|e| {
+                let errno = e
+                    .chain()
+                    .find_map(|c| c.downcast_ref::<ReceiverFailed>())
+                    .and_then(|f| f.errno);
+                anyhow!(
+                    "sync {src_what} → {dest_what} failed: {e:#}\nhint: {}",
+                    failure_hint(errno, &dest_what)
+                )
+            })?
     };
+    if !opts.dry_run {
+        changes.received(&stats);
+    }
     if !unset.is_empty() {
         let shown: Vec<String> = unset.iter().take(5).map(|p| display_path(p)).collect();
         stats.warnings.push(format!(
@@ -286,6 +298,7 @@ pub async fn mirror(
     Ok(MirrorOutcome {
         src: src_m,
         plan,
+        changes,
         stats,
         scanned,
         planned,
@@ -360,13 +373,12 @@ fn needed(plan: &Plan, dest: &Manifest, block: u64) -> Needed {
 
 /// Refuses, before anything is written, a transfer that cannot fit.
 fn check_space(need: &Needed, space: &Space, dest_what: &str) -> Result<()> {
-    let mb = |b: u64| format!("{:.1} MB", b as f64 / 1e6);
     if need.bytes > space.bytes_free {
         bail!(
             "not enough space for DEST: need {}, {} free on {dest_what}; nothing was changed\nhint: make room on that \
              file system (or grow it), or sync into a larger one",
-            mb(need.bytes),
-            mb(space.bytes_free)
+            size(need.bytes),
+            size(space.bytes_free)
         );
     }
     if need.inodes > space.inodes_free {
@@ -523,13 +535,12 @@ async fn transfer(
         }
         relayed
     };
-    let total_files = plan.stats.files_to_send;
     let watch = async {
         loop {
             match read_frame_async::<ReceiveEvent>(receiver_output).await {
                 Ok(ReceiveEvent::Progress(p)) => {
                     active();
-                    progress.update(&p, total_files)
+                    progress.update(&p)
                 }
                 Ok(ReceiveEvent::Done(stats)) => return Ok(stats),
                 Ok(ReceiveEvent::Failed { message, errno }) => {

@@ -40,7 +40,7 @@ const MAX_FRAME: u64 = MAX_DECODED / 2;
 pub const CHUNK: usize = 1 << 20;
 
 /// Changes whenever a message changes shape; the agent's file name pins the exact build.
-pub const PROTOCOL: u32 = 4;
+pub const PROTOCOL: u32 = 5;
 
 /// The agent's first frame: proof it started and speaks this protocol.
 #[derive(Serialize, Deserialize, Debug)]

@@ -3,6 +3,7 @@
 //! drives the phases.
 
 pub mod beneath;
+pub mod changes;
 pub mod filter;
 pub mod hash_cache;
 pub mod manifest;

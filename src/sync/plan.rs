@@ -64,15 +64,12 @@ pub struct MetaUpdate {
     pub meta: Meta,
 }
 
+/// The transfer's size, for its progress display. What the plan changes, path by path, is
+/// `sync::changes`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 pub struct PlanStats {
     pub files_to_send: u64,
     pub bytes_to_send: u64,
-    /// Entries placed by rename, link or local copy instead of being sent.
-    pub renamed: u64,
-    pub hardlinks: u64,
-    /// DEST entries removed, counting everything under a removed directory.
-    pub deleted: u64,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default)]
@@ -117,7 +114,7 @@ fn content_same(s: &Entry, d: &Entry, checksum: bool) -> bool {
     }
 }
 
-fn meta_same(s: &Entry, d: &Entry) -> bool {
+pub(crate) fn meta_same(s: &Entry, d: &Entry) -> bool {
     let mode_ok = s.kind == Kind::Symlink || s.meta.mode == d.meta.mode;
     mode_ok && s.meta.same_owner(&d.meta) && s.meta.same_mtime(&d.meta)
 }
@@ -134,7 +131,7 @@ fn parent(path: &[u8]) -> &[u8] {
 }
 
 /// The strict ancestors of a relative path, nearest first, excluding the root.
-fn ancestors(path: &[u8]) -> impl Iterator<Item = &[u8]> {
+pub(crate) fn ancestors(path: &[u8]) -> impl Iterator<Item = &[u8]> {
     path.iter()
         .enumerate()
         .rev()
@@ -223,11 +220,6 @@ pub fn build(src: &Manifest, dest: &Manifest, opts: &PlanOptions) -> Result<Plan
     top.sort();
     plan.delete = top.iter().map(|p| p.to_vec()).collect();
     let gone = |p: &[u8]| doomed.contains(p) || ancestors(p).any(|a| doomed.contains(a));
-    plan.stats.deleted = dest
-        .entries
-        .iter()
-        .filter(|d| !d.path.is_empty() && gone(&d.path))
-        .count() as u64;
 
     // Content already in DEST, by hash, for rename detection.
     let mut dest_by_hash: HashMap<Digest, Vec<&Entry>> = HashMap::new();
@@ -361,7 +353,6 @@ pub fn build(src: &Manifest, dest: &Manifest, opts: &PlanOptions) -> Result<Plan
                             digest,
                             meta: primary.meta.clone(),
                         });
-                        plan.stats.renamed += 1;
                     }
                     _ => {
                         plan.send.push(SendItem {
@@ -380,7 +371,6 @@ pub fn build(src: &Manifest, dest: &Manifest, opts: &PlanOptions) -> Result<Plan
                                 // Sent as the file itself if the primary vanished.
                                 size: primary.size,
                             });
-                            plan.stats.hardlinks += 1;
                         }
                         continue;
                     }
@@ -401,17 +391,9 @@ pub fn build(src: &Manifest, dest: &Manifest, opts: &PlanOptions) -> Result<Plan
                     from: rest_from.path.clone(),
                     to: m.path.clone(),
                 });
-                plan.stats.hardlinks += 1;
-                if !dest_by_path.contains_key(m.path.as_slice()) {
-                    // A new name for content DEST has: placed by a link instead of sent.
-                    plan.stats.renamed += 1;
-                }
             }
         }
     }
-
-    // A name moved by a rename is not counted as deleted.
-    plan.stats.deleted -= link_used.len() as u64;
 
     // Directories whose contents change get their metadata restored afterwards.
     let touched = plan
@@ -449,10 +431,12 @@ pub fn build(src: &Manifest, dest: &Manifest, opts: &PlanOptions) -> Result<Plan
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use crate::sync::changes::Changes;
 
-    fn entry(path: &str, kind: Kind, size: u64, ino: u64, nlink: u64) -> Entry {
+    /// An entry whose mtime follows its size: equal sizes look like the same content.
+    pub(crate) fn entry(path: &str, kind: Kind, size: u64, ino: u64, nlink: u64) -> Entry {
         Entry {
             path: path.as_bytes().to_vec(),
             kind,
@@ -470,7 +454,8 @@ mod tests {
         }
     }
 
-    fn manifest(entries: Vec<Entry>) -> Manifest {
+    /// A tree of `entries` under an existing root.
+    pub(crate) fn manifest(entries: Vec<Entry>) -> Manifest {
         let mut all = vec![entry("", Kind::Dir, 0, 1, 2)];
         all.extend(entries);
         Manifest {
@@ -480,7 +465,8 @@ mod tests {
         }
     }
 
-    fn with_hashes(m: &mut Manifest, paths: &[Vec<u8>]) {
+    /// Hashes for `paths`, as the agents answer a [`hash_request`]; one per size.
+    pub(crate) fn with_hashes(m: &mut Manifest, paths: &[Vec<u8>]) {
         for e in &mut m.entries {
             if paths.contains(&e.path) {
                 e.hash = Some([e.size as u8; 32]);
@@ -513,7 +499,12 @@ mod tests {
         assert_eq!(plan.reuse.len(), 1);
         assert_eq!(plan.reuse[0].mode, ReuseMode::Link);
         assert_eq!(plan.delete, vec![b"cur/1:2,".to_vec()]);
-        assert_eq!(plan.stats.renamed, 1);
+        let changes = Changes::of(&src, &dest, &plan);
+        assert_eq!(changes.renamed.len(), 1);
+        assert!(
+            changes.deleted.is_empty(),
+            "a rename's old name is no delete"
+        );
     }
 
     #[test]
@@ -581,7 +572,8 @@ mod tests {
             allow_empty_source: true,
             ..opts
         };
-        assert_eq!(build(&src, &dest, &allowed).unwrap().stats.deleted, 2);
+        let plan = build(&src, &dest, &allowed).unwrap();
+        assert_eq!(Changes::of(&src, &dest, &plan).deleted.len(), 2);
     }
 
     #[test]
@@ -593,7 +585,11 @@ mod tests {
         ]);
         let plan = build(&src, &dest, &PlanOptions::default()).unwrap();
         assert_eq!(plan.delete, vec![b"d".to_vec()]);
-        assert_eq!(plan.stats.deleted, 2, "the directory and what it held");
+        assert_eq!(
+            Changes::of(&src, &dest, &plan).deleted,
+            vec![b"d".to_vec(), b"d/x".to_vec()],
+            "the directory and what it held"
+        );
         assert_eq!(plan.send.len(), 1);
     }
 

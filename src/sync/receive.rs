@@ -58,9 +58,6 @@ pub struct ReceiveStats {
     pub files_written: u64,
     pub bytes_written: u64,
     pub wire_bytes: u64,
-    pub renamed: u64,
-    pub deleted: u64,
-    pub hardlinks: u64,
     /// True when every file written had its SHA-256 checked against the sender's.
     pub verified: bool,
     /// Paths the sender reported gone from the live source after the scan.
@@ -236,6 +233,9 @@ fn open_nofollow(dir: BorrowedFd<'_>, name: &OsStr) -> nix::Result<OwnedFd> {
 const CHANGED_DURING_SYNC: &str =
     "changed on the source during the sync (its content no longer matched its SHA-256); DEST keeps its old version";
 
+/// How often the receiver reports progress, within a big file too.
+const PROGRESS_EVERY: Duration = Duration::from_millis(200);
+
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 fn temp_name() -> OsString {
@@ -318,10 +318,13 @@ enum CopyError {
 }
 
 /// Writes `src` to `out` while hashing it; returns the digest and byte count.
+/// Copies `src` to `out`, hashing it; `copied` hears the bytes copied so far, so a big file
+/// shows progress before it is complete.
 fn copy_hashing(
     src: &mut impl Read,
     out: &mut File,
     buf: &mut [u8],
+    copied: &mut impl FnMut(u64),
 ) -> Result<(Digest, u64), CopyError> {
     let mut hasher = Sha256::new();
     let mut total = 0u64;
@@ -335,6 +338,7 @@ fn copy_hashing(
         hasher.update(&buf[..n]);
         out.write_all(&buf[..n]).map_err(CopyError::Write)?;
         total += n as u64;
+        copied(total);
     }
     Ok((hasher.finalize().into(), total))
 }
@@ -478,9 +482,6 @@ impl<'p> Receiver<'p> {
         for rel in &self.plan.delete {
             self.tree.remove(rel)?;
         }
-        self.stats.deleted = self.plan.stats.deleted;
-        // Reused content and new names linked to content DEST already had.
-        self.stats.renamed = self.plan.stats.renamed;
         for rel in &self.plan.mkdir {
             if !rel.is_empty() {
                 self.tree.mkdir(rel)?;
@@ -575,7 +576,7 @@ impl<'p> Receiver<'p> {
                         Mode::from_bits_truncate(0o600),
                     )?;
                     let mut out = File::from(out);
-                    let (copied, _) = copy_hashing(&mut file, &mut out, &mut self.buf)
+                    let (copied, _) = copy_hashing(&mut file, &mut out, &mut self.buf, &mut |_| {})
                         .map_err(|(CopyError::Read(e) | CopyError::Write(e))| e)
                         .with_context(|| format!("copying {what}"))?;
                     if copied != reuse.digest {
@@ -703,7 +704,19 @@ impl<'p> Receiver<'p> {
                         )
                         .with_context(|| format!("creating a temporary file for {what}"))?;
                         let mut file = File::from(fd);
-                        let (got, n) = match copy_hashing(&mut entry, &mut file, &mut self.buf) {
+                        let (files, before) = (self.stats.files_written, self.stats.bytes_written);
+                        let mut copied = |so_far: u64| {
+                            if last_report.elapsed() > PROGRESS_EVERY {
+                                last_report = Instant::now();
+                                progress(ReceiveProgress {
+                                    files,
+                                    bytes: before + so_far,
+                                    wire_bytes: wire.load(Ordering::Relaxed),
+                                });
+                            }
+                        };
+                        let copy = copy_hashing(&mut entry, &mut file, &mut self.buf, &mut copied);
+                        let (got, n) = match copy {
                             Ok(done) => done,
                             Err(CopyError::Read(e)) => return Err(cut(&e)),
                             Err(CopyError::Write(e)) => {
@@ -757,7 +770,6 @@ impl<'p> Receiver<'p> {
                         .with_context(|| format!("linking {what} to {}", self.tree.show(target)))?;
                         tmp.commit_link(name)
                             .with_context(|| format!("renaming into {what}"))?;
-                        self.stats.hardlinks += 1;
                     }
                     MemberKind::Symlink { target } => {
                         nix::unistd::symlinkat(
@@ -789,7 +801,7 @@ impl<'p> Receiver<'p> {
                             .with_context(|| format!("renaming into {what}"))?;
                     }
                 }
-                if last_report.elapsed() > Duration::from_millis(200) {
+                if last_report.elapsed() > PROGRESS_EVERY {
                     last_report = Instant::now();
                     progress(ReceiveProgress {
                         files: self.stats.files_written,
@@ -855,7 +867,6 @@ impl<'p> Receiver<'p> {
             .with_context(|| format!("linking {what} to {}", self.tree.show(&link.from)))?;
             tmp.commit_link(name)
                 .with_context(|| format!("renaming into {what}"))?;
-            self.stats.hardlinks += 1;
         }
         Ok(())
     }
