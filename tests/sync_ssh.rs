@@ -1,6 +1,8 @@
 //! `relaymove sync` over SSH against a real sshd the test starts on loopback with throwaway
-//! keys: local→remote, remote→local, remote→remote, a wrong host key, and a connection killed
-//! mid-stream followed by a successful re-run.
+//! keys: local→remote, remote→local, remote→remote, a wrong host key, a connection killed
+//! mid-stream followed by a successful re-run, and hosts the agent could not run on (an older
+//! glibc, another architecture: sshd's `SetEnv PATH` puts stand-ins for `getconf` and
+//! `uname` first) refused before the upload.
 //!
 //! Needs root and OpenSSH's sshd. Without them the tests say why and pass, unless
 //! `RELAYMOVE_REQUIRE_SSH=1` (set by `tests/run-all`), which turns the skip into a failure.
@@ -38,7 +40,7 @@ fn run(cmd: &mut Command) -> Output {
 
 /// Starts sshd on a free loopback port, or explains why it cannot.
 fn sshd() -> Option<Sshd> {
-    start_sshd(false)
+    start_sshd(false, "")
 }
 
 /// Like `sshd`, but the host it serves has a /var/lib and a /run of its own: `host/varlib`
@@ -46,10 +48,15 @@ fn sshd() -> Option<Sshd> {
 /// The agent, its caches and locks then land there, apart from this machine's (which other
 /// tests and builds use), and that host's /proc shows only its own processes.
 fn isolated_sshd() -> Option<Sshd> {
-    start_sshd(true)
+    start_sshd(true, "")
 }
 
-fn start_sshd(isolated: bool) -> Option<Sshd> {
+/// `sshd()` with `extra` lines in its sshd_config.
+fn sshd_with(extra: &str) -> Option<Sshd> {
+    start_sshd(false, extra)
+}
+
+fn start_sshd(isolated: bool, extra: &str) -> Option<Sshd> {
     let required = std::env::var("RELAYMOVE_REQUIRE_SSH").as_deref() == Ok("1");
     let why = if !nix::unistd::geteuid().is_root() {
         Some("not running as root")
@@ -82,7 +89,7 @@ fn start_sshd(isolated: bool) -> Option<Sshd> {
         format!(
             "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\n\
              PidFile {d}/sshd.pid\nPermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\n\
-             MaxSessions 30\nAllowAgentForwarding no\nLogLevel ERROR\n",
+             MaxSessions 30\nAllowAgentForwarding no\nLogLevel ERROR\n{extra}",
             d = d.display()
         ),
     )
@@ -793,4 +800,81 @@ fn init_over_ssh_learns_the_addresses_and_writes_a_private_config_that_reaches_t
         text(&out.stderr)
     );
     assert_eq!(fs::read_to_string(&file).unwrap(), written);
+}
+
+/// Syncs to an sshd whose sessions find `command` (a script printing `says`) before the real
+/// one, with a copy of relaymove that no host has as its agent yet (a byte appended: another
+/// SHA-256, the same program), so the start asks for an upload. Returns the exit code, stderr,
+/// and whether that copy's agent file exists on the host afterwards.
+fn sync_to_a_host_whose(command: &str, says: &str) -> Option<(Option<i32>, String, bool)> {
+    use sha2::Digest as _;
+    let t = tempfile::tempdir().unwrap();
+    let fake = t.path().join("fakebin");
+    fs::create_dir(&fake).unwrap();
+    fs::write(fake.join(command), format!("#!/bin/sh\necho '{says}'\n")).unwrap();
+    let exe = t.path().join("relaymove");
+    let mut bytes = fs::read(bin()).unwrap();
+    bytes.extend_from_slice(format!("{command} {says}").as_bytes());
+    fs::write(&exe, &bytes).unwrap();
+    for p in [fake.join(command), exe.clone()] {
+        fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let path = format!(
+        "SetEnv PATH={}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n",
+        fake.display()
+    );
+    let sshd = sshd_with(&path)?;
+    let src = t.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("file"), b"content").unwrap();
+    let out = Command::new(&exe)
+        .args(["sync", "--no-progress"])
+        .arg(&src)
+        .arg(remote(&t.path().join("dest")))
+        .arg("--ssh-config")
+        .arg(sshd.dir.path().join("ssh_config"))
+        .env("RELAYMOVE_CACHE_DIR", t.path().join("cache"))
+        .output()
+        .unwrap();
+    assert!(!t.path().join("dest").exists(), "DEST was created");
+    let digest: String = sha2::Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let uploaded = Path::new(&format!("/var/lib/relaymove/bin/relaymove-{digest}")).exists();
+    Some((
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        uploaded,
+    ))
+}
+
+// See: issue 12 (an agent built on Debian 12 failed inside the loader on Debian 11, after
+// the upload: "version `GLIBC_2.34' not found").
+#[test]
+fn a_host_with_an_older_glibc_is_refused_before_the_upload() {
+    let Some((code, stderr, uploaded)) = sync_to_a_host_whose("getconf", "glibc 2.17") else {
+        return;
+    };
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("the agent cannot run on rmtest: this relaymove needs glibc 2.")
+            && stderr.contains(" or newer and rmtest has glibc 2.17; nothing was uploaded\nhint: "),
+        "{stderr}"
+    );
+    assert!(stderr.contains("packaging/build-deb"), "{stderr}");
+    assert!(!uploaded, "the agent was uploaded: {stderr}");
+}
+
+#[test]
+fn a_host_of_another_architecture_is_refused_before_the_upload() {
+    let Some((code, stderr, uploaded)) = sync_to_a_host_whose("uname", "riscv64") else {
+        return;
+    };
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("and rmtest is riscv64; nothing was uploaded\nhint: "),
+        "{stderr}"
+    );
+    assert!(!uploaded, "the agent was uploaded: {stderr}");
 }

@@ -8,9 +8,14 @@
 //!
 //! The agent lives at `/var/lib/relaymove/bin/relaymove-<sha256>` (root-only) or, for other
 //! users, under `~/.local/lib/relaymove/bin/`. It is uploaded only when absent or different,
-//! and neither started nor installed in a directory another user could change.
+//! and neither started nor installed in a directory another user could change. Before an
+//! upload the host's architecture and glibc are compared with what this binary needs
+//! (`platform.rs`): a host that could not run it is refused with the fix, and gets nothing.
 
 use crate::remote::endpoint::{parse_ssh_target, RemotePath};
+use crate::remote::platform::{
+    mismatch, BinaryNeeds, HostLibc, HostPlatform, Mismatch, PLATFORM_PROBE,
+};
 use crate::remote::protocol::{Hello, PROTOCOL};
 use crate::remote::ssh::{connect_failure, Effective};
 use anyhow::{anyhow, bail, Context, Result};
@@ -454,6 +459,13 @@ impl Host {
         let bytes = tokio::fs::read(&exe)
             .await
             .with_context(|| format!("reading {}", exe.display()))?;
+        let needs = BinaryNeeds::from_elf(&bytes).map_err(|e| {
+            anyhow!(
+                "reading {} to upload it: {e} (a bug in relaymove, or the file was replaced)",
+                exe.display()
+            )
+        })?;
+        self.check_platform(&needs).await?;
         let digest = digest.get_or_try_init(own_digest).await?;
         let mut child = session
             .command("sh")
@@ -483,6 +495,44 @@ impl Host {
             );
         }
         Ok(())
+    }
+
+    /// Refuses a host that could not run this binary (see `platform.rs`).
+    async fn check_platform(&self, needs: &BinaryNeeds) -> Result<()> {
+        let label = self.label();
+        let probe = self.run(&["sh", "-c", PLATFORM_PROBE]).await?;
+        let host = HostPlatform::parse(&probe).ok_or_else(|| {
+            anyhow!(
+                "`uname -m` on {label} printed nothing; is it a Linux host? Nothing was uploaded"
+            )
+        })?;
+        match mismatch(needs, &host) {
+            None => Ok(()),
+            Some(m) => bail!(refusal(label, &m)),
+        }
+    }
+}
+
+/// The oldest glibc the binary from `packaging/build-deb` runs on (its `GLIBC_FLOOR`; a test
+/// keeps the two equal).
+const PACKAGED_GLIBC: &str = "2.31";
+
+/// What the host has, what the agent needs, and the fix.
+fn refusal(label: &str, m: &Mismatch) -> String {
+    match m {
+        Mismatch::Arch { binary, host } => format!(
+            "the agent cannot run on {label}: this relaymove is built for {binary} and {label} is {host}; nothing was uploaded\n\
+             hint: relaymove uploads its own binary as the agent: reach {label} with a relaymove built for {host}, run from a {host} machine"
+        ),
+        Mismatch::Glibc { needs, host: HostLibc::Glibc(has) } => format!(
+            "the agent cannot run on {label}: this relaymove needs glibc {needs} or newer and {label} has glibc {has}; nothing was uploaded\n\
+             hint: install the .deb that packaging/build-deb makes (its relaymove runs on glibc {PACKAGED_GLIBC} and newer), \
+             or build relaymove on a system whose glibc is {has} or older"
+        ),
+        Mismatch::Glibc { needs, host } => format!(
+            "the agent cannot run on {label}: this relaymove needs glibc {needs} or newer and {label} has {host}; nothing was uploaded\n\
+             hint: relaymove supports Debian-like hosts with glibc {PACKAGED_GLIBC} or newer"
+        ),
     }
 }
 
@@ -775,6 +825,56 @@ mod tests {
 
     fn text(b: &[u8]) -> String {
         String::from_utf8_lossy(b).into_owned()
+    }
+
+    #[test]
+    fn a_host_with_an_older_glibc_is_refused_naming_both_versions_and_the_fix() {
+        let v = |t| crate::remote::platform::GlibcVersion::parse(t).unwrap();
+        let msg = refusal(
+            "root@old.example.org",
+            &Mismatch::Glibc {
+                needs: v("2.34"),
+                host: HostLibc::Glibc(v("2.31")),
+            },
+        );
+        assert!(msg.starts_with("the agent cannot run on root@old.example.org: this relaymove needs glibc 2.34 or newer and root@old.example.org has glibc 2.31; nothing was uploaded\nhint: "), "{msg}");
+        assert!(msg.contains("packaging/build-deb"), "{msg}");
+        let msg = refusal(
+            "alpine",
+            &Mismatch::Glibc {
+                needs: v("2.31"),
+                host: HostLibc::Other("musl libc (x86_64)".into()),
+            },
+        );
+        assert!(
+            msg.contains("alpine has no GNU libc (musl libc (x86_64))"),
+            "{msg}"
+        );
+        let msg = refusal(
+            "pi",
+            &Mismatch::Arch {
+                binary: "x86_64".into(),
+                host: "aarch64".into(),
+            },
+        );
+        assert!(
+            msg.contains("built for x86_64 and pi is aarch64; nothing was uploaded\nhint: "),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn the_packaged_glibc_named_in_the_hint_is_the_one_build_deb_targets_and_the_deb_depends_on() {
+        let script = include_str!("../../packaging/build-deb");
+        assert!(
+            script.contains(&format!("\nGLIBC_FLOOR={PACKAGED_GLIBC}\n")),
+            "packaging/build-deb sets another GLIBC_FLOOR than {PACKAGED_GLIBC}"
+        );
+        let manifest = include_str!("../../Cargo.toml");
+        assert!(
+            manifest.contains(&format!("\ndepends = \"libc6 (>= {PACKAGED_GLIBC}), ")),
+            "Cargo.toml's [package.metadata.deb] depends on another libc6 than {PACKAGED_GLIBC}"
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod agent;
 pub mod cleanup;
 pub mod endpoint;
 pub mod mirror;
+pub mod platform;
 pub mod protocol;
 pub mod serve;
 pub mod ssh;
