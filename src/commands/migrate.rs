@@ -439,6 +439,9 @@ async fn forwarding(cx: &Cx, records: &[journal::Record]) -> Result<Option<Strin
             "resolvers may send mail to old until {}: keep it forwarding",
             crate::commands::dns::utc(t)
         ),
+        None if done(StepId::DnsCutover).is_some() => {
+            "when resolvers drop old's address is not recorded: keep old forwarding".into()
+        }
         None => "the DNS cutover is not done: keep old forwarding".into(),
         Some(_) if queued > 0 => format!("{queued} message(s) still queued on old"),
         Some(_) => format!(

@@ -605,7 +605,13 @@ async fn dns_cutover(cx: &mut Cx) -> Result<Value> {
     })
     .await?
     {
-        None => Ok(json!({"summary": format!("{} already points at new", cx.config.domain)})),
+        // Found done: by an earlier run that died between the update and its record, so the
+        // switch may be seconds old. Resolvers may hold old's address for the lowered TTL
+        // from now: old forwards that long (drain_old reads this).
+        None => Ok(json!({
+            "summary": format!("{} already points at new", cx.config.domain),
+            "switched": {"old_answers_until": now_unix() + u64::from(cx.config.dns.low_ttl)},
+        })),
         Some(switched) => {
             for line in &switched.changed {
                 cx.note(step, line);
