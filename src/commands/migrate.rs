@@ -410,28 +410,23 @@ pub fn status(cmd: StatusCmd) -> Result<i32> {
 /// While old forwards (from forward_old until finish): what still reaches it, from which
 /// sending hosts, and whether it can be retired. `None` outside that phase.
 async fn forwarding(cx: &Cx, records: &[journal::Record]) -> Result<Option<String>> {
-    let done = |step: StepId| match journal::state_of(records, step.id()) {
-        StepState::Done { facts, .. } => Some(facts),
-        _ => None,
+    let done = |step: StepId| {
+        matches!(
+            journal::state_of(records, step.id()),
+            StepState::Done { .. }
+        )
     };
-    let Some(forward) = done(StepId::ForwardOld) else {
+    let Some(since) = migrate::recorded(records, StepId::ForwardOld, "/since") else {
         return Ok(None);
     };
-    if done(StepId::Finish).is_some()
+    if done(StepId::Finish)
         || migrate::postfix::mode(&cx.old).await? != migrate::postfix::Mode::Forward
     {
         return Ok(None);
     }
-    let since = forward
-        .get("since")
-        .and_then(Value::as_u64)
-        .unwrap_or_default();
-    let arrivals = migrate::forwarded::since(&cx.old, since).await?;
+    let arrivals = migrate::forwarded::since(&cx.old, cx.profile.postfix_unit, since).await?;
     let queued = migrate::postfix::waiting(&cx.old).await?;
-    let until = done(StepId::DnsCutover).and_then(|f| {
-        f.pointer("/switched/old_answers_until")
-            .and_then(Value::as_u64)
-    });
+    let until = migrate::old_answers_until(records);
     let now = migrate::now_unix();
     let last = arrivals.iter().map(|a| a.last).max().unwrap_or(since);
     let verdict = match until {
@@ -439,7 +434,7 @@ async fn forwarding(cx: &Cx, records: &[journal::Record]) -> Result<Option<Strin
             "resolvers may send mail to old until {}: keep it forwarding",
             crate::commands::dns::utc(t)
         ),
-        None if done(StepId::DnsCutover).is_some() => {
+        None if done(StepId::DnsCutover) => {
             "when resolvers drop old's address is not recorded: keep old forwarding".into()
         }
         None => "the DNS cutover is not done: keep old forwarding".into(),

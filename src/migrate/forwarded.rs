@@ -17,13 +17,14 @@ pub struct Arrival {
     pub last: u64,
 }
 
-/// Sending hosts that delivered to old since Unix time `since`, busiest first.
-pub async fn since(node: &Node, since: u64) -> Result<Vec<Arrival>> {
+/// Sending hosts that delivered to `node` since Unix time `since`, from the journal of
+/// Postfix's `unit`, busiest first.
+pub async fn since(node: &Node, unit: &str, since: u64) -> Result<Vec<Arrival>> {
     let log = node
         .run(&[
             "journalctl",
             "--unit",
-            "postfix@-",
+            unit,
             "--since",
             &format!("@{since}"),
             "--output",

@@ -309,6 +309,19 @@ pub fn now_unix() -> u64 {
     change::now_unix()
 }
 
+/// A number the done `step` recorded at `pointer` of its facts.
+pub fn recorded(records: &[Record], step: StepId, pointer: &str) -> Option<u64> {
+    match journal::state_of(records, step.id()) {
+        StepState::Done { facts, .. } => facts.pointer(pointer).and_then(Value::as_u64),
+        _ => None,
+    }
+}
+
+/// Until when resolvers may still hand out old's address, as the DNS cutover recorded it.
+pub fn old_answers_until(records: &[Record]) -> Option<u64> {
+    recorded(records, StepId::DnsCutover, "/switched/old_answers_until")
+}
+
 /// How far to go.
 #[derive(Debug, Clone, Copy)]
 pub struct Range {
@@ -637,13 +650,7 @@ async fn finish(cx: &mut Cx, journal: &Journal) -> Result<Value> {
         }
     }
     services::retire_old(cx).await?;
-    let until = match journal::state_of(journal.current(), StepId::DnsCutover.id()) {
-        StepState::Done { facts, .. } => facts
-            .pointer("/switched/old_answers_until")
-            .and_then(Value::as_u64),
-        _ => None,
-    };
-    let raise = match until {
+    let raise = match old_answers_until(journal.current()) {
         Some(t) if t > now_unix() => format!(
             "run `relaymove dns raise-ttl` after {} (resolvers may hold old's address until then)",
             crate::commands::dns::utc(t)

@@ -80,6 +80,7 @@ pub async fn run(cx: &mut Cx, journal: &mut Journal) -> Result<()> {
             Part::DnsBack if dns_moved => dns_back(cx).await,
             Part::DnsBack => Ok(json!({"summary": "DNS was not changed"})),
             Part::NewForwards if new_took_mail => {
+                // Until when resolvers may hand out new's address: what the switch back said.
                 let until = match journal::state_of(journal.current(), Part::DnsBack.id()) {
                     StepState::Done { facts, .. } => facts
                         .pointer("/switched/old_answers_until")
@@ -279,14 +280,14 @@ async fn start_old(cx: &mut Cx, before: Option<&Value>) -> Result<Value> {
 
 /// Waits up to 30 s for port 25 at `ip` to answer.
 async fn wait_smtp(cx: &Cx, ip: std::net::IpAddr) -> Result<()> {
-    for _ in 0..60 {
-        if services::open_ports(ip, &[25]).await.contains(&25) {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+    if services::wait_ports(ip, &[25], true, Duration::from_secs(30))
+        .await
+        .is_empty()
+    {
+        bail!(
+            "old ({}) does not answer on port 25\nhint: `journalctl -u postfix@-` on old",
+            cx.old.host.label()
+        );
     }
-    bail!(
-        "old ({}) does not answer on port 25\nhint: `journalctl -u postfix@-` on old",
-        cx.old.host.label()
-    )
+    Ok(())
 }

@@ -3,7 +3,7 @@
 //! Every unit operation is `systemctl` with arguments, run over SSH; ports are probed from
 //! this machine, the way senders see the hosts.
 
-use crate::migrate::journal::{self, Journal, StepState};
+use crate::migrate::journal::Journal;
 use crate::migrate::profile::Profile;
 use crate::migrate::{forwarded, postfix, Cx, Node, StepId};
 use anyhow::{bail, Context, Result};
@@ -109,7 +109,7 @@ pub async fn open_ports(ip: IpAddr, ports: &[u16]) -> Vec<u16> {
 }
 
 /// Waits up to `limit` until all of `ports` are open (`all_open`) or none is.
-async fn wait_ports(ip: IpAddr, ports: &[u16], all_open: bool, limit: Duration) -> Vec<u16> {
+pub async fn wait_ports(ip: IpAddr, ports: &[u16], all_open: bool, limit: Duration) -> Vec<u16> {
     let start = Instant::now();
     loop {
         let open = open_ports(ip, ports).await;
@@ -235,12 +235,12 @@ fn closed_ports(cx: &Cx) -> Vec<u16> {
         .collect()
 }
 
-/// `None` while old is frozen: Postfix runs in receive-and-hold mode, Dovecot is stopped.
-pub async fn still_frozen(cx: &Cx) -> Result<Option<String>> {
+/// `None` while Postfix runs on old in `want` mode, else why not.
+async fn old_postfix_in(cx: &Cx, want: postfix::Mode) -> Result<Option<String>> {
     let mode = postfix::mode(&cx.old).await?;
-    if mode != postfix::Mode::Freeze {
+    if mode != want {
         return Ok(Some(format!(
-            "Postfix on old is in {mode:?} mode, not Freeze"
+            "Postfix on old is in {mode:?} mode, not {want:?}"
         )));
     }
     if !cx
@@ -249,6 +249,14 @@ pub async fn still_frozen(cx: &Cx) -> Result<Option<String>> {
         .await?
     {
         return Ok(Some("Postfix does not run on old".into()));
+    }
+    Ok(None)
+}
+
+/// `None` while old is frozen: Postfix runs in receive-and-hold mode, Dovecot is stopped.
+pub async fn still_frozen(cx: &Cx) -> Result<Option<String>> {
+    if let Some(why) = old_postfix_in(cx, postfix::Mode::Freeze).await? {
+        return Ok(Some(why));
     }
     let running = running(&cx.old, &cx.profile).await?;
     let stopped = cx.profile.stopped_at_freeze();
@@ -294,20 +302,7 @@ pub async fn forward_old(cx: &mut Cx) -> Result<Value> {
 
 /// `None` while old's Postfix runs in forwarding mode.
 pub async fn still_forwarding(cx: &Cx) -> Result<Option<String>> {
-    let mode = postfix::mode(&cx.old).await?;
-    if mode != postfix::Mode::Forward {
-        return Ok(Some(format!(
-            "Postfix on old is in {mode:?} mode, not Forward"
-        )));
-    }
-    if !cx
-        .old
-        .test(&["systemctl", "is-active", "--quiet", cx.profile.postfix_unit])
-        .await?
-    {
-        return Ok(Some("Postfix does not run on old".into()));
-    }
-    Ok(None)
+    old_postfix_in(cx, postfix::Mode::Forward).await
 }
 
 /// Old keeps forwarding until no resolver can still hold its address (the time the DNS
@@ -316,18 +311,9 @@ pub async fn still_forwarding(cx: &Cx) -> Result<Option<String>> {
 pub async fn drain_old(cx: &mut Cx, journal: &Journal, stop: &Arc<AtomicBool>) -> Result<Value> {
     const MAX_WAIT: u64 = 15 * 60;
     let step = StepId::DrainOld;
-    let until = match journal::state_of(journal.current(), StepId::DnsCutover.id()) {
-        StepState::Done { facts, .. } => facts
-            .pointer("/switched/old_answers_until")
-            .and_then(Value::as_u64),
-        _ => None,
-    }
-    .unwrap_or(0);
-    let since = match journal::state_of(journal.current(), StepId::ForwardOld.id()) {
-        StepState::Done { facts, .. } => facts.get("since").and_then(Value::as_u64),
-        _ => None,
-    }
-    .unwrap_or_else(crate::migrate::now_unix);
+    let until = crate::migrate::old_answers_until(journal.current()).unwrap_or(0);
+    let since = crate::migrate::recorded(journal.current(), StepId::ForwardOld, "/since")
+        .unwrap_or_else(crate::migrate::now_unix);
     let now = crate::migrate::now_unix();
     if until > now + MAX_WAIT {
         bail!(
@@ -355,7 +341,7 @@ pub async fn drain_old(cx: &mut Cx, journal: &Journal, stop: &Arc<AtomicBool>) -
     postfix::wait_drained(&cx.old, Duration::from_secs(60))
         .await
         .context("old forwards until its queue is empty")?;
-    let arrivals = forwarded::since(&cx.old, since).await?;
+    let arrivals = forwarded::since(&cx.old, cx.profile.postfix_unit, since).await?;
     let told = forwarded::describe(&arrivals);
     cx.note(step, &told);
     Ok(json!({

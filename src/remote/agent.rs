@@ -757,7 +757,7 @@ mod tests {
     //! directory is the host's real `/var/lib/relaymove`): HOME is a temporary directory.
     use super::*;
     use std::os::unix::fs::PermissionsExt;
-    use std::process::{Command, Output};
+    use std::process::Output;
 
     /// A temporary HOME for the scripts, owned by the user they run as (nobody when the
     /// tests run as root).
@@ -784,19 +784,7 @@ mod tests {
 
         /// Runs `script` with `sh -c script relaymove ARG` as the home's user.
         fn sh(&self, script: &str, arg: &str, stdin: &[u8]) -> Output {
-            let mut cmd = if self.as_nobody {
-                let mut c = Command::new("setpriv");
-                c.args([
-                    "--reuid=65534",
-                    "--regid=65534",
-                    "--clear-groups",
-                    "--",
-                    "sh",
-                ]);
-                c
-            } else {
-                Command::new("sh")
-            };
+            let mut cmd = crate::remote::test_shell(self.as_nobody);
             cmd.args(["-c", script, "relaymove", arg])
                 .env("HOME", self.dir.path())
                 .stdin(std::process::Stdio::piped())

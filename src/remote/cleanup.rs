@@ -318,7 +318,6 @@ mod tests {
     use std::ffi::OsString;
     use std::os::unix::fs::PermissionsExt;
     use std::path::{Path, PathBuf};
-    use std::process::Command;
 
     const NOBODY: u32 = 65534;
 
@@ -380,19 +379,7 @@ mod tests {
         }
 
         fn run(&self, mode: &str, xdg: bool) -> (i32, Vec<Finding>, String) {
-            let mut cmd = if self.as_nobody {
-                let mut c = Command::new("setpriv");
-                c.args([
-                    "--reuid=65534",
-                    "--regid=65534",
-                    "--clear-groups",
-                    "--",
-                    "sh",
-                ]);
-                c
-            } else {
-                Command::new("sh")
-            };
+            let mut cmd = crate::remote::test_shell(self.as_nobody);
             cmd.args(["-c", SCRIPT, "relaymove", mode])
                 .env_remove("XDG_CACHE_HOME")
                 .env_remove("XDG_RUNTIME_DIR")

@@ -11,3 +11,22 @@ pub mod platform;
 pub mod protocol;
 pub mod serve;
 pub mod ssh;
+
+/// `sh` for tests of the host scripts: as uid and gid 65534 (through `setpriv`) when
+/// `as_nobody`, since the tests run as root and the scripts behave differently for root.
+#[cfg(test)]
+pub fn test_shell(as_nobody: bool) -> std::process::Command {
+    if as_nobody {
+        let mut c = std::process::Command::new("setpriv");
+        c.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+            "sh",
+        ]);
+        c
+    } else {
+        std::process::Command::new("sh")
+    }
+}
