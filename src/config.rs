@@ -29,7 +29,12 @@
 //! configure_command = ["cmdeploy", "run", "--ssh-host", "{new}"]  # run on this machine before old stops
 //! extra_trees = ["/etc/mailman3"]      # more directories to move, as they are
 //! mail_root = "/var/vmail"             # classic: where the Maildirs are
+//! route = "direct"                     # or "controller": the data passes through this machine
+//! bwlimit = "20M"                      # the first copy at most 20 MiB/s (final sync: full speed)
 //! ```
+//!
+//! `[hosts.new] transfer_address = "10.0.0.20:22"` (optional): where old reaches new's sshd
+//! on the direct route, when that differs from how this machine reaches it.
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
@@ -77,6 +82,12 @@ pub struct MigrateConfig {
     pub extra_trees: Vec<PathBuf>,
     /// classic: the directory holding the Maildirs (default /var/vmail).
     pub mail_root: Option<PathBuf>,
+    /// `direct` (default: the hosts copy to each other over SSH with a one-time key) or
+    /// `controller` (the data passes through this machine).
+    pub route: Option<crate::commands::sync::RouteChoice>,
+    /// The first copy (presync, while old serves mail) at most this fast: KiB a second, or
+    /// `500K`, `20M`, `1G`. The final sync always runs at full speed.
+    pub bwlimit: Option<String>,
 }
 
 #[derive(Deserialize, Debug, Clone)]
@@ -93,6 +104,9 @@ pub struct HostConfig {
     pub ssh: String,
     pub ipv4: Option<Ipv4Addr>,
     pub ipv6: Option<Ipv6Addr>,
+    /// `host[:port]` where the other host reaches this one's sshd for the direct route;
+    /// default: the `ssh` target as this machine's ssh config resolves it.
+    pub transfer_address: Option<String>,
 }
 
 impl HostConfig {
@@ -235,6 +249,14 @@ impl Config {
             }
             crate::remote::endpoint::parse_ssh_target(&host.ssh)
                 .map_err(|e| anyhow::anyhow!("[hosts.{name}] ssh: {e}"))?;
+            if let Some(t) = &host.transfer_address {
+                crate::remote::endpoint::TransferAddress::parse(t)
+                    .map_err(|e| anyhow::anyhow!("[hosts.{name}] transfer_address: {e}"))?;
+            }
+        }
+        if let Some(rate) = &self.migrate.bwlimit {
+            crate::commands::sync::parse_rate(rate)
+                .map_err(|e| anyhow::anyhow!("[migrate] bwlimit: {e}"))?;
         }
         if self
             .migrate

@@ -15,9 +15,14 @@ pub struct AgentCmd {
 pub enum AgentAction {
     /// Answer protocol requests on stdin until it closes.
     Serve,
+    /// The forced command of a direct transfer's one-time key: hand stdin to the waiting
+    /// receiver.
+    Accept { token: String },
 }
 
 pub fn run(cmd: AgentCmd) -> Result<i32> {
-    let AgentAction::Serve = cmd.action;
-    crate::remote::serve::serve()
+    match cmd.action {
+        AgentAction::Serve => crate::remote::serve::serve(),
+        AgentAction::Accept { token } => crate::remote::direct::accept(&token),
+    }
 }

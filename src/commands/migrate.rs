@@ -58,6 +58,19 @@ pub struct MigrateCmd {
     /// No progress display during the syncs.
     #[arg(long)]
     pub no_progress: bool,
+    /// How the data travels: `direct` (old connects to new over SSH with a one-time key that
+    /// can only receive the transfer) or `controller` (through this machine, for hosts that
+    /// cannot reach each other). Default: `route` under [migrate], else direct.
+    #[arg(long, value_enum)]
+    pub route: Option<crate::commands::sync::RouteChoice>,
+    /// Limit the first copy (presync, while old serves mail) to RATE: KiB a second, or 500K,
+    /// 20M, 1G. Default: `bwlimit` under [migrate], else none. The final sync runs at full speed.
+    #[arg(long, value_name = "RATE", value_parser = crate::commands::sync::parse_rate)]
+    pub bwlimit: Option<u64>,
+    /// Run the first copy at normal CPU and I/O priority; by default both agents run it at
+    /// low priority (nice 10, best-effort I/O level 7), so old keeps serving first.
+    #[arg(long)]
+    pub normal_priority: bool,
 }
 
 /// Where the migration stands: each step from the journal, and what the hosts show now.
@@ -108,6 +121,9 @@ pub fn migrate(cmd: MigrateCmd) -> Result<i32> {
         force_dns: cmd.force_dns,
         yes: cmd.yes,
         progress: !cmd.no_progress,
+        route: cmd.route,
+        bwlimit: cmd.bwlimit,
+        normal_priority: cmd.normal_priority,
     };
     runtime()?.block_on(async {
         let mut journal = Journal::open(&migrate::journal_path(&config))?;

@@ -4,8 +4,9 @@
 //! starts one agent per side and renders the outcome.
 
 use crate::remote::agent::{Agent, Host, SshOptions};
-use crate::remote::endpoint::Endpoint;
-use crate::remote::mirror::{mirror, MirrorOptions, MirrorOutcome, Side, DEFAULT_TIMEOUT};
+use crate::remote::endpoint::{Endpoint, TransferAddress};
+use crate::remote::mirror::{mirror, MirrorOptions, MirrorOutcome, Route, Side, DEFAULT_TIMEOUT};
+use crate::remote::protocol::Request;
 use crate::report::sync_report::{listing, summary, RunFacts, SyncReport};
 use crate::sync::manifest::display_path;
 use anyhow::{anyhow, Context, Result};
@@ -94,6 +95,60 @@ pub struct SyncCmd {
     /// ssh_config file to use instead of ~/.ssh/config.
     #[arg(long, env = "RELAYMOVE_SSH_CONFIG", value_name = "FILE")]
     pub ssh_config: Option<PathBuf>,
+    /// Between two remote hosts: `direct` (SRC's host connects to DEST's over SSH with a
+    /// one-time key that can only receive this transfer) or `controller` (the data passes
+    /// through this machine, for hosts that cannot reach each other).
+    #[arg(long, value_enum, default_value_t = RouteChoice::Direct)]
+    pub route: RouteChoice,
+    /// Where SRC's host reaches DEST's sshd on the direct route, HOST[:PORT]; default: DEST's
+    /// host and port as this machine's ssh config resolves them.
+    #[arg(long, value_name = "HOST[:PORT]", value_parser = parse_transfer_address)]
+    pub transfer_address: Option<TransferAddress>,
+    /// Limit the stream to RATE: KiB a second, or with a unit: 500K, 20M, 1G (bytes a
+    /// second, powers of 1024), so that a live server keeps serving while it is copied.
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub bwlimit: Option<u64>,
+    /// Run both agents at low CPU and I/O priority (nice 10, best-effort I/O level 7).
+    #[arg(long)]
+    pub low_priority: bool,
+}
+
+/// `--route`: how the data travels between two remote hosts.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RouteChoice {
+    Direct,
+    Controller,
+}
+
+fn parse_transfer_address(s: &str) -> Result<TransferAddress, String> {
+    TransferAddress::parse(s)
+}
+
+/// A rate as rsync's `--bwlimit` takes it: a bare number is KiB a second; `K`, `M`, `G`
+/// (or `KiB`, `MiB`, `GiB`) are powers of 1024 bytes a second.
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number of KiB a second, or like 500K, 20M, 1G"))?;
+    let scale: u64 = match unit.to_ascii_uppercase().as_str() {
+        "" | "K" | "KIB" => 1 << 10,
+        "M" | "MIB" => 1 << 20,
+        "G" | "GIB" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown unit {unit:?} (K, M or G: KiB, MiB or GiB a second)"
+            ))
+        }
+    };
+    match n.checked_mul(scale) {
+        Some(0) => Err(format!("{s:?}: a rate of 0 would never finish")),
+        Some(rate) => Ok(rate),
+        None => Err(format!("{s:?}: too large")),
+    }
 }
 
 pub fn run(cmd: SyncCmd) -> Result<i32> {
@@ -216,6 +271,28 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
             return Err(e);
         }
     };
+    if cmd.low_priority {
+        for agent in [&mut src_agent, &mut dest_agent] {
+            let label = agent.label().to_string();
+            agent
+                .call::<()>(&Request::Priority { low: true })
+                .await
+                .with_context(|| format!("lowering the priority of the agent on {label}"))?;
+        }
+    }
+    // Direct needs two remote hosts: with a local side this process is one end anyway.
+    let route = match (&src, &dest, cmd.route) {
+        (Host::Remote { .. }, Host::Remote { .. }, RouteChoice::Direct) => {
+            match &cmd.transfer_address {
+                Some(to) => Route::Direct(to.clone()),
+                None => dest
+                    .transfer_address()
+                    .await
+                    .map_or(Route::Controller, Route::Direct),
+            }
+        }
+        _ => Route::Controller,
+    };
     let opts = MirrorOptions {
         delete: !cmd.no_delete,
         checksum: cmd.checksum,
@@ -227,6 +304,8 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
         progress: !cmd.quiet && !cmd.no_progress,
         timeout: Duration::from_secs(cmd.timeout),
         keep_setuid: cmd.keep_setuid,
+        route,
+        bwlimit: cmd.bwlimit,
     };
     let mirrored = tokio::select! {
         mirrored = mirror(

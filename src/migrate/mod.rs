@@ -15,9 +15,12 @@ pub mod rollback;
 pub mod services;
 pub mod trees;
 
+use crate::commands::sync::RouteChoice;
 use crate::config::Config;
 use crate::dns::change::{self, Direction, StagingState};
 use crate::remote::agent::{Agent, Host, SshOptions};
+use crate::remote::endpoint::TransferAddress;
+use crate::remote::mirror::Route;
 use crate::report::events::{Event, Reporter};
 use anyhow::{anyhow, bail, Context, Result};
 use journal::{Fingerprint, Journal, Record, StepState};
@@ -203,9 +206,54 @@ pub struct Options {
     pub yes: bool,
     /// Show sync progress.
     pub progress: bool,
+    /// `--route`, over the config's.
+    pub route: Option<RouteChoice>,
+    /// `--bwlimit` for the presync, over the config's.
+    pub bwlimit: Option<u64>,
+    /// Presync at normal priority.
+    pub normal_priority: bool,
 }
 
 impl Cx {
+    /// How a sync's data reaches new (`to_new`) or old: directly at the host's transfer
+    /// address unless the route is `controller`.
+    pub async fn route(&self, to_new: bool) -> Route {
+        let choice = self
+            .options
+            .route
+            .or(self.config.migrate.route)
+            .unwrap_or(RouteChoice::Direct);
+        if choice == RouteChoice::Controller {
+            return Route::Controller;
+        }
+        let (node, host) = if to_new {
+            (&self.new, &self.config.hosts.new)
+        } else {
+            (&self.old, &self.config.hosts.old)
+        };
+        // Validated when the config was read.
+        match host
+            .transfer_address
+            .as_deref()
+            .and_then(|t| TransferAddress::parse(t).ok())
+        {
+            Some(to) => Route::Direct(to),
+            None => node
+                .host
+                .transfer_address()
+                .await
+                .map_or(Route::Controller, Route::Direct),
+        }
+    }
+
+    /// The presync's bandwidth limit, bytes a second.
+    pub fn presync_bwlimit(&self) -> Option<u64> {
+        self.options.bwlimit.or_else(|| {
+            let rate = self.config.migrate.bwlimit.as_deref()?;
+            crate::commands::sync::parse_rate(rate).ok()
+        })
+    }
+
     /// Connects to both hosts (strict host keys, no agent forwarding).
     pub async fn connect(config: Config, out: Reporter, options: Options) -> Result<Cx> {
         let ssh = SshOptions {

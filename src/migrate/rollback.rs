@@ -201,6 +201,7 @@ async fn sync_back(cx: &mut Cx) -> Result<Value> {
         delete: true,
         level: 1,
         progress: cx.options.progress && !cx.out.json(),
+        route: cx.route(false).await,
         ..MirrorOptions::default()
     };
     let files = back(cx, &mail_root, &opts).await?;

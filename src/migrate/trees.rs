@@ -38,8 +38,15 @@ pub async fn present_trees(cx: &Cx) -> Result<Vec<Tree>> {
     Ok(out)
 }
 
-fn options(cx: &Cx, excludes: Vec<String>) -> MirrorOptions {
+/// Old → new: the presync at the configured bandwidth limit, the final sync at full speed.
+async fn options(cx: &Cx, step: StepId, excludes: Vec<String>) -> MirrorOptions {
     MirrorOptions {
+        route: cx.route(true).await,
+        bwlimit: if step == StepId::Presync {
+            cx.presync_bwlimit()
+        } else {
+            None
+        },
         delete: true,
         checksum: false,
         excludes,
@@ -59,7 +66,7 @@ async fn mirror_tree(
     path: &Path,
     excludes: Vec<String>,
 ) -> Result<Value> {
-    let opts = options(cx, excludes);
+    let opts = options(cx, step, excludes).await;
     let old = cx.old.agent().await?;
     let new = cx.new.agent().await?;
     let outcome = mirror(
@@ -109,14 +116,35 @@ async fn mirror_tree(
 pub async fn presync(cx: &mut Cx) -> Result<Value> {
     let step = StepId::Presync;
     let trees = present_trees(cx).await?;
+    // Old serves mail meanwhile: its work goes first.
+    let low = !cx.options.normal_priority;
+    if low {
+        priority(cx, true).await?;
+    }
     let mut facts = Vec::new();
     for tree in &trees {
         facts.push(mirror_tree(cx, step, &tree.path, Vec::new()).await?);
+    }
+    if low {
+        priority(cx, false).await?;
     }
     Ok(json!({
         "summary": format!("{} trees copied while old serves mail", trees.len()),
         "trees": facts,
     }))
+}
+
+/// Both agents at low or normal CPU and I/O priority.
+async fn priority(cx: &mut Cx, low: bool) -> Result<()> {
+    for node in [&mut cx.old, &mut cx.new] {
+        let label = node.label();
+        node.agent()
+            .await?
+            .call::<()>(&crate::remote::protocol::Request::Priority { low })
+            .await
+            .with_context(|| format!("setting the agent's priority on {label}"))?;
+    }
+    Ok(())
 }
 
 pub async fn final_sync(cx: &mut Cx) -> Result<Value> {

@@ -12,7 +12,7 @@
 //! upload the host's architecture and glibc are compared with what this binary needs
 //! (`platform.rs`): a host that could not run it is refused with the fix, and gets nothing.
 
-use crate::remote::endpoint::{parse_ssh_target, RemotePath};
+use crate::remote::endpoint::{parse_ssh_target, RemotePath, TransferAddress};
 use crate::remote::platform::{
     mismatch, BinaryNeeds, HostLibc, HostPlatform, Mismatch, PLATFORM_PROBE,
 };
@@ -72,7 +72,9 @@ pub enum Host {
         /// SHA-256 of this binary: the agent's file name on the host. Computed when an agent
         /// is first needed: commands that only run commands (`cleanup`, `init`) skip it.
         digest: tokio::sync::OnceCell<String>,
-        _config: tempfile::NamedTempFile,
+        /// Where it was asked to connect, before ssh's config resolved it.
+        target: RemotePath,
+        config: tempfile::NamedTempFile,
     },
 }
 
@@ -285,7 +287,8 @@ impl Host {
             session: Arc::new(session),
             label,
             digest: tokio::sync::OnceCell::new(),
-            _config: config,
+            target: remote.clone(),
+            config,
         })
     }
 
@@ -423,6 +426,22 @@ impl Host {
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         })
+    }
+
+    /// Where another host reaches this one's sshd by default for a direct transfer: the host
+    /// name and port ssh's configuration resolves its target to (an alias in the
+    /// controller's `~/.ssh/config` means nothing elsewhere). None for this host.
+    pub async fn transfer_address(&self) -> Option<TransferAddress> {
+        match self {
+            Host::Local { .. } => None,
+            Host::Remote { target, config, .. } => {
+                let used = effective(target, config.path()).await;
+                Some(TransferAddress {
+                    host: used.hostname,
+                    port: used.port,
+                })
+            }
+        }
     }
 
     pub async fn close(self) {

@@ -103,6 +103,39 @@ pub fn parse_ssh_target(s: &str) -> Result<RemotePath, String> {
     }
 }
 
+/// Where the sending host reaches the receiving host's sshd for a direct transfer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransferAddress {
+    pub host: String,
+    pub port: u16,
+}
+
+impl TransferAddress {
+    /// `host[:port]` (IPv6 in brackets), port 22 unless given.
+    pub fn parse(s: &str) -> Result<TransferAddress, String> {
+        let r = parse_ssh_target(s).map_err(|_| format!("{s:?}: expected host[:port]"))?;
+        if r.user.is_some() {
+            return Err(format!(
+                "{s:?}: a transfer address has no user (the receiving agent's user logs in)"
+            ));
+        }
+        Ok(TransferAddress {
+            host: r.host,
+            port: r.port.unwrap_or(22),
+        })
+    }
+}
+
+impl fmt::Display for TransferAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,6 +193,25 @@ mod tests {
         );
         assert!(parse_ssh_target("old:/x").is_err());
         assert!(parse_ssh_target("").is_err());
+    }
+
+    #[test]
+    fn parses_transfer_addresses() {
+        let a = |host: &str, port| TransferAddress {
+            host: host.into(),
+            port,
+        };
+        assert_eq!(
+            TransferAddress::parse("10.0.0.2").unwrap(),
+            a("10.0.0.2", 22)
+        );
+        assert_eq!(
+            TransferAddress::parse("[2001:db8::20]:2222").unwrap(),
+            a("2001:db8::20", 2222)
+        );
+        assert_eq!(a("2001:db8::20", 22).to_string(), "[2001:db8::20]:22");
+        assert!(TransferAddress::parse("root@new").is_err());
+        assert!(TransferAddress::parse("new:/x").is_err());
     }
 
     #[test]

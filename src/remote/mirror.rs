@@ -1,15 +1,18 @@
 //! One mirror of a tree from one agent to another: scan both sides, hash rename candidates,
-//! plan, then stream the plan's files from the sender's agent to the receiver's, relaying the
-//! stream through this process (so remote→remote needs no host-to-host SSH or agent
-//! forwarding).
+//! plan, then stream the plan's files from the sender's agent to the receiver's: directly
+//! between the hosts over a one-time SSH key (`Route::Direct`, see `remote::direct`), or
+//! relayed through this process (`Route::Controller`: no host-to-host SSH at all).
 //!
 //! It takes running agents, not endpoints, so one agent session per host serves every tree of
 //! a migration step. It prints nothing: the caller renders the outcome and owns the progress
 //! display.
 
 use crate::remote::agent::Agent;
+use crate::remote::direct::{self, Accepting, KeyMade};
+use crate::remote::endpoint::TransferAddress;
 use crate::remote::protocol::{
-    read_chunk_async, read_frame_async, Hashes, ReceiveEvent, Reply, Request, Space, CHUNK,
+    read_chunk_async, read_frame_async, DirectSend, Hashes, ReceiveEvent, Reply, Request, Space,
+    CHUNK,
 };
 use crate::report::progress::Progress;
 use crate::report::size;
@@ -50,6 +53,20 @@ pub struct MirrorOptions {
     pub timeout: Duration,
     /// Keep setuid/setgid bits on files owned by root; else they arrive without them.
     pub keep_setuid: bool,
+    /// How the stream travels between two remote hosts.
+    pub route: Route,
+    /// Stream bytes a second at most (the sender waits).
+    pub bwlimit: Option<u64>,
+}
+
+/// The stream's way from sender to receiver.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Route {
+    /// Through this process: for a local side, or hosts that cannot reach each other.
+    #[default]
+    Controller,
+    /// The sending host connects to the receiving one at this address (both remote).
+    Direct(TransferAddress),
 }
 
 /// `MirrorOptions::timeout` unless set: long enough for a scan of a big tree or the final
@@ -69,6 +86,8 @@ impl Default for MirrorOptions {
             progress: false,
             timeout: DEFAULT_TIMEOUT,
             keep_setuid: false,
+            route: Route::Controller,
+            bwlimit: None,
         }
     }
 }
@@ -264,23 +283,33 @@ pub async fn mirror(
             .await
             .with_context(|| phase.clone())?;
         check_space(&needed(&plan, &dest_m, space.block), &space, &dest_what)?;
-        let tee = match &opts.tee_stream {
-            Some(path) => Some(create_tee(path)?),
-            None => None,
-        };
         progress.transfer(plan.stats.files_to_send, plan.stats.bytes_to_send);
-        transfer(src, dest, &plan, opts, tee, &mut progress)
-            .await
-            .map_err(|e| {
-                let errno = e
-                    .chain()
-                    .find_map(|c| c.downcast_ref::<ReceiverFailed>())
-                    .and_then(|f| f.errno);
-                anyhow!(
-                    "sync {src_what} → {dest_what} failed: {e:#}\nhint: {}",
-                    failure_hint(errno, &dest_what)
-                )
-            })?
+        let transferred = match (&opts.route, &opts.tee_stream) {
+            (Route::Direct(to), None) => {
+                transfer_direct(src, dest, &plan, opts, to, &mut progress).await
+            }
+            _ => {
+                let tee = match &opts.tee_stream {
+                    Some(path) => Some(create_tee(path)?),
+                    None => None,
+                };
+                transfer(src, dest, &plan, opts, tee, &mut progress).await
+            }
+        };
+        transferred.map_err(|e| {
+            if e.chain().any(|c| c.is::<NoDirectRoute>()) {
+                // Nothing was sent: its own hint is the whole story.
+                return anyhow!("sync {src_what} → {dest_what} failed: {e:#}");
+            }
+            let errno = e
+                .chain()
+                .find_map(|c| c.downcast_ref::<ReceiverFailed>())
+                .and_then(|f| f.errno);
+            anyhow!(
+                "sync {src_what} → {dest_what} failed: {e:#}\nhint: {}",
+                failure_hint(errno, &dest_what)
+            )
+        })?
     };
     if !opts.dry_run {
         changes.received(&stats);
@@ -468,6 +497,7 @@ async fn transfer(
             root: root_bytes(to.root),
             plan: plan.clone(),
             keep_setuid: opts.keep_setuid,
+            from: None,
         })
         .await?;
     sender
@@ -475,6 +505,8 @@ async fn transfer(
             root: root_bytes(from.root),
             items: plan.send.clone(),
             level,
+            bwlimit: opts.bwlimit,
+            to: None,
         })
         .await?;
     let receiver_input = &mut receiver.input;
@@ -542,6 +574,7 @@ async fn transfer(
                     active();
                     progress.update(&p)
                 }
+                Ok(ReceiveEvent::Connected) => active(),
                 Ok(ReceiveEvent::Done(stats)) => return Ok(stats),
                 Ok(ReceiveEvent::Failed { message, errno }) => {
                     return Err(anyhow::Error::new(ReceiverFailed { message, errno }))
@@ -607,6 +640,167 @@ async fn transfer(
         (Err(cause), Ok(_)) => Err(cause),
         (Ok(()), Err(e)) => Err(e.context(receiving_into())),
     }
+}
+
+/// Sends the plan's entries from `from` to `to` over a direct SSH connection between the two
+/// hosts (`remote::direct`); this process sees only the receiver's progress and both verdicts.
+async fn transfer_direct(
+    from: Side<'_>,
+    to: Side<'_>,
+    plan: &Plan,
+    opts: &MirrorOptions,
+    address: &TransferAddress,
+    progress: &mut Progress,
+) -> Result<ReceiveStats> {
+    let limit = opts.timeout;
+    let (sender, receiver) = (from.agent, to.agent);
+    let (sender_label, receiver_label) = (sender.label().to_string(), receiver.label().to_string());
+    let token = direct::new_token()?;
+    let phase = format!("making a one-time key on {sender_label} for {receiver_label}");
+    let key = Request::DirectKey {
+        token: token.clone(),
+        address: address.host.clone(),
+        port: address.port,
+    };
+    let made: KeyMade = call_within(sender, &key, Some(limit), &phase)
+        .await
+        .map_err(|e| unreachable_hint(e, &sender_label, &receiver_label, address))?;
+    let phase = format!("authorizing {sender_label}'s one-time key on {receiver_label}");
+    let accept = Request::DirectAccept {
+        token: token.clone(),
+        public_key: made.public_key,
+        from: made.source,
+    };
+    let accepting: Accepting = call_within(receiver, &accept, Some(limit), &phase)
+        .await
+        .with_context(|| phase.clone())?;
+    receiver
+        .send(&Request::Receive {
+            root: root_bytes(to.root),
+            plan: plan.clone(),
+            keep_setuid: opts.keep_setuid,
+            from: Some(token.clone()),
+        })
+        .await?;
+    sender
+        .send(&Request::Send {
+            root: root_bytes(from.root),
+            items: plan.send.clone(),
+            level: opts.level,
+            bwlimit: opts.bwlimit,
+            to: Some(DirectSend {
+                token,
+                user: accepting.user,
+                host_keys: accepting.host_keys,
+            }),
+        })
+        .await?;
+    let connected = std::cell::Cell::new(false);
+    let receiving_into = || format!("receiving into {} on {receiver_label}", to.root.display());
+    let sender_output = &mut sender.output;
+    let receiver_output = &mut receiver.output;
+    // Each is one future for the whole transfer: a frame is never dropped half read.
+    let mut send = Box::pin(async {
+        match read_frame_async::<Reply<()>>(sender_output).await {
+            Ok(r) => r.map_err(|msg| anyhow!("{msg}")),
+            Err(e) => Err(e.context(format!("lost the connection to {sender_label}"))),
+        }
+        .with_context(|| format!("sending from {sender_label}"))
+    });
+    let mut watch = Box::pin(async {
+        loop {
+            match tokio::time::timeout(limit, read_frame_async::<ReceiveEvent>(receiver_output))
+                .await
+            {
+                Err(_) => return Watched::Silent,
+                Ok(Ok(ReceiveEvent::Connected)) => connected.set(true),
+                Ok(Ok(ReceiveEvent::Progress(p))) => progress.update(&p),
+                Ok(Ok(ReceiveEvent::Done(stats))) => return Watched::Received(Ok(stats)),
+                Ok(Ok(ReceiveEvent::Failed { message, errno })) => {
+                    return Watched::Received(Err(anyhow::Error::new(ReceiverFailed {
+                        message,
+                        errno,
+                    })))
+                }
+                Ok(Err(e)) => return Watched::Lost(e),
+            }
+        }
+    });
+    let mut sent = None;
+    let watched = loop {
+        tokio::select! {
+            r = &mut send, if sent.is_none() => {
+                if r.is_err() && !connected.get() {
+                    drop((send, watch));
+                    // The receiver still waits for a connection that will not come.
+                    receiver.abort();
+                    let e = r.err().unwrap_or_else(|| anyhow!("bug: no error"));
+                    return Err(unreachable_hint(e, &sender_label, &receiver_label, address));
+                }
+                sent = Some(r);
+            }
+            w = &mut watch => break w,
+        }
+    };
+    drop(watch);
+    let received = match watched {
+        Watched::Received(r) => r,
+        Watched::Silent => {
+            drop(send);
+            sender.abort();
+            receiver.abort();
+            return Err(silent(&receiver_label, "receiving the stream", limit));
+        }
+        Watched::Lost(e) => {
+            drop(send);
+            sender.abort();
+            return Err(e.context(format!("lost the connection to {receiver_label}")));
+        }
+    };
+    let sent = match sent {
+        Some(s) => s,
+        None => match tokio::time::timeout(limit, send).await {
+            Ok(s) => s,
+            Err(_) => {
+                sender.abort();
+                return Err(silent(&sender_label, "finishing the stream", limit));
+            }
+        },
+    };
+    match (sent, received) {
+        (Ok(()), Ok(stats)) => Ok(stats),
+        (Err(cause), Err(dest_state)) => Err(cause.context(format!("{dest_state:#}"))),
+        (Err(cause), Ok(_)) => Err(cause),
+        (Ok(()), Err(e)) => Err(e.context(receiving_into())),
+    }
+}
+
+/// How watching a direct transfer's receiver ended.
+enum Watched {
+    Received(Result<ReceiveStats>),
+    /// Nothing for the whole timeout.
+    Silent,
+    /// Its connection broke.
+    Lost(anyhow::Error),
+}
+
+/// A direct transfer that never connected, with the way out.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct NoDirectRoute(String);
+
+fn unreachable_hint(
+    e: anyhow::Error,
+    sender: &str,
+    receiver: &str,
+    address: &TransferAddress,
+) -> anyhow::Error {
+    anyhow::Error::new(NoDirectRoute(format!(
+        "{sender} could not reach {receiver} directly at {address}: {e:#}\nhint: by default the data goes \
+         from host to host over SSH; give the address {sender} reaches {receiver} at with --transfer-address \
+         (`transfer_address` under [hosts.new] in relaymove.toml for migrate), or relay the data through this \
+         machine with --route controller (`route = \"controller\"` under [migrate])"
+    )))
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod cleanup;
+pub mod direct;
 pub mod endpoint;
 pub mod mirror;
 pub mod platform;

@@ -7,7 +7,10 @@
 //! - `Send`: answered with the transfer stream (a zstd-compressed tar) cut into chunks, then
 //!   a `Reply<()>` frame saying whether the sender finished.
 //! - `Space`: answered with `Reply<Space>`, the free space where a root is (or would be).
-//! - `Receive`: followed on stdin by the stream's chunks; answered with [`ReceiveEvent`]
+//! - `DirectKey` on the sender, `DirectAccept` on the receiver: set up a direct transfer
+//!   (`remote::direct`); `Send` and `Receive` then name it and the stream flows between the
+//!   hosts, not through the controller.
+//! - `Receive`: followed on stdin by the stream's chunks (or, direct, preceded by `Connected`); answered with [`ReceiveEvent`]
 //!   frames, progress then `Done` or `Failed`. `Failed` is sent as soon as the receiver
 //!   fails; the controller then may close the agent's input instead of finishing the
 //!   stream, and the agent ends.
@@ -21,6 +24,7 @@ use anyhow::{bail, Context, Result};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
+use std::net::IpAddr;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::sync::manifest::Digest;
@@ -40,7 +44,7 @@ const MAX_FRAME: u64 = MAX_DECODED / 2;
 pub const CHUNK: usize = 1 << 20;
 
 /// Changes whenever a message changes shape; the agent's file name pins the exact build.
-pub const PROTOCOL: u32 = 5;
+pub const PROTOCOL: u32 = 6;
 
 /// The agent's first frame: proof it started and speaks this protocol.
 #[derive(Serialize, Deserialize, Debug)]
@@ -63,6 +67,11 @@ pub enum Request {
         root: Vec<u8>,
         items: Vec<SendItem>,
         level: i32,
+        /// Bytes of stream a second at most (`--bwlimit`).
+        bwlimit: Option<u64>,
+        /// Write the stream to new's agent directly instead of to stdout (the direct route);
+        /// the chunks then never reach the controller, only the `Reply<()>` does.
+        to: Option<DirectSend>,
     },
     Receive {
         root: Vec<u8>,
@@ -70,6 +79,28 @@ pub enum Request {
         /// Keep setuid/setgid bits on root-owned files; else the receiver drops them,
         /// whatever the stream's headers say.
         keep_setuid: bool,
+        /// Read the stream from the connection of this direct transfer (see `DirectAccept`)
+        /// instead of stdin; stdin then only cancels: any input or its end stops the wait.
+        from: Option<String>,
+    },
+    /// On the sending host: make the one-time key of direct transfer `token` to new at
+    /// `address:port`; answered with `Reply<KeyMade>`.
+    DirectKey {
+        token: String,
+        address: String,
+        port: u16,
+    },
+    /// On the receiving host: authorize `public_key` from `from` for transfer `token` and
+    /// listen for it; answered with `Reply<Accepting>`.
+    DirectAccept {
+        token: String,
+        public_key: String,
+        from: IpAddr,
+    },
+    /// Run at low CPU and I/O priority (nice 10, best-effort I/O class level 7) or at
+    /// normal priority from now on; answered with `Reply<()>`.
+    Priority {
+        low: bool,
     },
     /// Free space of the file system that holds `root` (or its nearest existing ancestor).
     Space {
@@ -102,8 +133,20 @@ pub struct Space {
     pub block: u64,
 }
 
+/// Where the sender of a direct transfer connects, as the two agents agreed.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct DirectSend {
+    pub token: String,
+    /// The login user on new.
+    pub user: String,
+    /// New's SSH host keys, `type base64` each: the only ones old's `ssh` accepts.
+    pub host_keys: Vec<String>,
+}
+
 #[derive(Serialize, Deserialize, Debug)]
 pub enum ReceiveEvent {
+    /// A direct transfer's sender connected.
+    Connected,
     Progress(ReceiveProgress),
     Done(ReceiveStats),
     /// The error chain as text, and the OS error number behind it, if any: the controller

@@ -3,9 +3,10 @@
 //! `remote/protocol.rs` on stdin and stdout until stdin closes. Only this process touches the
 //! host's file system; the controller never does.
 
+use crate::remote::direct::{self, Connection, KeyFiles, Listening};
 use crate::remote::protocol::{
-    read_frame_opt, write_frame, ChunkReader, ChunkWriter, Hashes, Hello, ReceiveEvent, Reply,
-    Request, Space, PROTOCOL,
+    read_frame_opt, write_frame, ChunkReader, ChunkWriter, DirectSend, Hashes, Hello, ReceiveEvent,
+    Reply, Request, Space, PROTOCOL,
 };
 use crate::sync::beneath::{validate, Tree};
 use crate::sync::hash_cache::{hex, HashCache};
@@ -14,12 +15,12 @@ use crate::sync::plan::{Plan, SendItem};
 use crate::sync::receive::{Durability, Receiver};
 use crate::sync::scan::{hash_path, scan, ScanOptions};
 use crate::sync::send::{send, SendOptions};
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use nix::fcntl::{Flock, FlockArg};
 use sha2::Digest as _;
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -32,6 +33,7 @@ pub fn serve() -> Result<i32> {
     let stdout = io::stdout();
     write_frame(&mut stdout.lock(), &Hello { protocol: PROTOCOL })?;
     let mut held = Held::default();
+    let mut direct = Direct::default();
     while let Some(request) = read_frame_opt::<Request>(&mut input)? {
         let mut out = stdout.lock();
         match request {
@@ -46,13 +48,54 @@ pub fn serve() -> Result<i32> {
             Request::Hash { root, paths } => {
                 write_frame(&mut out, &text(do_hash(path(&root), paths)))?;
             }
-            Request::Send { root, items, level } => {
+            Request::Send {
+                root,
+                items,
+                level,
+                bwlimit,
+                to: None,
+            } => {
                 // ChunkWriter buffers a whole chunk; no BufWriter needed in between.
-                let mut chunks = ChunkWriter::new(&mut out);
+                let mut chunks = ChunkWriter::new(Throttle::new(&mut out, bwlimit));
                 let sent = do_send(path(&root), &items, level, &mut chunks);
                 // The end marker goes out even after a failure, so the stream stays in step.
                 chunks.finish()?;
                 write_frame(&mut out, &text(sent))?;
+            }
+            Request::Send {
+                root,
+                items,
+                level,
+                bwlimit,
+                to: Some(to),
+            } => {
+                let sent = send_direct(&mut direct, path(&root), &items, level, bwlimit, &to);
+                write_frame(&mut out, &text(sent))?;
+            }
+            Request::DirectKey {
+                token,
+                address,
+                port,
+            } => {
+                let made = direct::make_key(&token, &address, port).map(|(files, made)| {
+                    direct.keys.insert(token, files);
+                    made
+                });
+                write_frame(&mut out, &text(made))?;
+            }
+            Request::DirectAccept {
+                token,
+                public_key,
+                from,
+            } => {
+                let opened = Listening::open(&token, &public_key, from).map(|(l, accepting)| {
+                    direct.listening.insert(token, l);
+                    accepting
+                });
+                write_frame(&mut out, &text(opened))?;
+            }
+            Request::Priority { low } => {
+                write_frame(&mut out, &text(priority(low)))?;
             }
             Request::Lock { path: file } => {
                 let locked = held.migration(path(&file));
@@ -68,21 +111,13 @@ pub fn serve() -> Result<i32> {
                 root,
                 plan,
                 keep_setuid,
+                from: None,
             } => {
                 drop(out);
                 let mut chunks = ChunkReader::new(io::stdin());
                 let received = do_receive(path(&root), &plan, keep_setuid, &mut chunks, &stdout);
                 let failed = received.is_err();
-                let event = match received {
-                    Ok(stats) => ReceiveEvent::Done(stats),
-                    Err(e) => ReceiveEvent::Failed {
-                        message: format!("{e:#}"),
-                        errno: os_error(&e),
-                    },
-                };
-                // A failure is reported at once, so the controller stops the transfer
-                // instead of relaying the rest of it to be skipped here.
-                write_frame(&mut stdout.lock(), &event)?;
+                report_received(received, &stdout)?;
                 // Skip what the receiver did not read, up to the end marker.
                 match chunks.drain() {
                     Ok(()) => {}
@@ -92,9 +127,142 @@ pub fn serve() -> Result<i32> {
                     Err(e) => return Err(e).context("reading the end of the stream"),
                 }
             }
+            Request::Receive {
+                root,
+                plan,
+                keep_setuid,
+                from: Some(token),
+            } => {
+                drop(out);
+                let received = direct
+                    .listening
+                    .remove(&token)
+                    .ok_or_else(|| anyhow!("bug: no direct transfer {token} was set up"))
+                    .and_then(|l| l.accept(&io::stdin()))
+                    .and_then(|stream| {
+                        write_frame(&mut stdout.lock(), &ReceiveEvent::Connected)?;
+                        // Dropped at the end: old's `agent accept`, and its ssh, then end.
+                        let mut chunks = ChunkReader::new(stream);
+                        do_receive(path(&root), &plan, keep_setuid, &mut chunks, &stdout)
+                    });
+                report_received(received, &stdout)?;
+            }
         }
     }
     Ok(0)
+}
+
+/// A receiver's verdict, sent at once: after a failure the controller stops the transfer
+/// instead of sending the rest of it to be skipped here.
+fn report_received(
+    received: Result<crate::sync::receive::ReceiveStats>,
+    stdout: &io::Stdout,
+) -> Result<()> {
+    let event = match received {
+        Ok(stats) => ReceiveEvent::Done(stats),
+        Err(e) => ReceiveEvent::Failed {
+            message: format!("{e:#}"),
+            errno: os_error(&e),
+        },
+    };
+    write_frame(&mut stdout.lock(), &event)
+}
+
+/// The direct transfers this agent has set up and not yet run: a sender's keys, a
+/// receiver's listening sockets (each removed when dropped, so also when the agent ends).
+#[derive(Default)]
+struct Direct {
+    keys: HashMap<String, KeyFiles>,
+    listening: HashMap<String, Listening>,
+}
+
+/// Sends the plan's files over the direct transfer `to` set up by `DirectKey`.
+fn send_direct(
+    direct: &mut Direct,
+    root: &Path,
+    items: &[SendItem],
+    level: i32,
+    bwlimit: Option<u64>,
+    to: &DirectSend,
+) -> Result<()> {
+    let key = direct
+        .keys
+        .remove(&to.token)
+        .ok_or_else(|| anyhow!("bug: no direct transfer {} was set up", to.token))?;
+    let (connection, stdin) = Connection::open(key, &to.user, &to.host_keys)?;
+    let mut chunks = ChunkWriter::new(Throttle::new(stdin, bwlimit));
+    let sent = do_send(root, items, level, &mut chunks);
+    // Closing ssh's input (dropping the writer) ends the connection; ssh's verdict comes
+    // first, as it explains a broken pipe.
+    let ended = chunks.finish().map(drop);
+    connection.finish()?;
+    sent?;
+    ended.context("finishing the stream")
+}
+
+/// Limits what passes through it to `rate` bytes a second on average.
+struct Throttle<W: Write> {
+    inner: W,
+    rate: Option<u64>,
+    start: std::time::Instant,
+    written: u64,
+}
+
+impl<W: Write> Throttle<W> {
+    fn new(inner: W, rate: Option<u64>) -> Throttle<W> {
+        Throttle {
+            inner,
+            rate: rate.filter(|&r| r > 0),
+            start: std::time::Instant::now(),
+            written: 0,
+        }
+    }
+}
+
+impl<W: Write> Write for Throttle<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(data)?;
+        if let Some(rate) = self.rate {
+            self.written += n as u64;
+            let due = std::time::Duration::from_secs_f64(self.written as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(self.start.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Low priority: nice 10 and the lowest best-effort I/O level, so a production server's own
+/// work goes first; normal: nice 0 and the I/O class that follows it. On Linux both are per
+/// thread, and the threads a send or receive starts later inherit them. Only root may go back
+/// to normal; for another user the request then leaves the priority low.
+fn priority(low: bool) -> Result<()> {
+    const IOPRIO_WHO_PROCESS: libc::c_long = 1;
+    const IOPRIO_CLASS_BE: libc::c_long = 2;
+    let (nice, ioprio) = if low {
+        (10, IOPRIO_CLASS_BE << 13 | 7)
+    } else {
+        (0, 0)
+    };
+    // SAFETY: plain system calls on the calling thread, with integer arguments.
+    let set = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+    if set != 0 {
+        let e = io::Error::last_os_error();
+        if low || e.raw_os_error() != Some(libc::EACCES) {
+            return Err(e).context("setting the agent's CPU priority");
+        }
+    }
+    // SAFETY: as above.
+    let set = unsafe { libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, ioprio) };
+    if set != 0 {
+        return Err(io::Error::last_os_error()).context("setting the agent's I/O priority");
+    }
+    Ok(())
 }
 
 fn path(bytes: &[u8]) -> &Path {
@@ -318,7 +486,7 @@ fn do_receive(
     root: &Path,
     plan: &Plan,
     keep_setuid: bool,
-    input: &mut ChunkReader<io::Stdin>,
+    input: &mut ChunkReader<impl Read + Send>,
     stdout: &io::Stdout,
 ) -> Result<crate::sync::receive::ReceiveStats> {
     let tree = Tree::open(root)?;
