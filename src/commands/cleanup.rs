@@ -116,9 +116,9 @@ fn render(target: &str, dry_run: bool, as_json: bool, findings: &[Finding]) {
     for f in findings {
         match f {
             Finding::Remove { kind, bytes, path } => {
-                println!("  {kind:<10} {:>12} B  {path}", bytes)
+                println!("  {kind:<14} {:>12} B  {path}", bytes)
             }
-            Finding::Rmdir { path } => println!("  {:<10} {:>12}    {path}/", "directory", ""),
+            Finding::Rmdir { path } => println!("  {:<14} {:>12}    {path}/", "directory", ""),
             _ => {}
         }
     }

@@ -8,6 +8,8 @@
 //! | hash caches and their temporary files (`sync::hash_cache`) | `/var/lib/relaymove/cache/<hash>.hashes`, `<hash>.tmp<pid>` | `$XDG_CACHE_HOME/relaymove` or `~/.cache/relaymove` (`RELAYMOVE_CACHE_DIR` first) |
 //! | tree locks (`remote::serve`) | `/run/relaymove/tree-<hash>.lock` | `$XDG_RUNTIME_DIR/relaymove` or `~/.local/lib/relaymove/locks` |
 //! | the migration lock (`migrate`) | `/run/relaymove-migrate.lock` | (root only) |
+//! | direct transfers' one-time keys and sockets (`remote::direct`) | `/run/relaymove/direct/<token>`, `.pub`, `.known_hosts`, `.sock` | the lock directory's `direct/` |
+//! | their authorized key lines (`remote::direct`) | lines of `~/.ssh/authorized_keys` ending in `relaymove-direct-<token>` | the same |
 //!
 //! The contract:
 //! - Only regular files whose names have exactly these shapes are removed, and then the
@@ -65,16 +67,25 @@ kind() {
     *.tmp*) t=${2##*.tmp}; case $t in ''|*[!0-9]*) ;; *) hex "${2%.tmp*}" 32 && echo cache-temp;; esac;;
     esac;;
   "$l") case $2 in tree-*.lock) v=${2#tree-}; hex "${v%.lock}" 32 && echo lock;; esac;;
+  "$l/direct") case $2 in
+    *.sock) hex "${2%.sock}" 32 && echo direct-socket;;
+    *.pub|*.known_hosts) hex "${2%.*}" 32 && echo direct-key;;
+    *) hex "$2" 32 && echo direct-key;;
+    esac;;
   /run) [ "$2" = relaymove-migrate.lock ] && echo lock;;
   esac
   return 0
 }
 exists() { [ -e "$1" ] || [ -L "$1" ]; }
 file() { [ -f "$1" ] && [ ! -L "$1" ]; }
+# ours_file DIR PATH: PATH is of the type our file of that name is (a socket for a socket).
+ours_file() {
+  if [ "$(kind "$1" "${2##*/}")" = direct-socket ]; then [ -S "$2" ] && [ ! -L "$2" ]; else file "$2"; fi
+}
 realdir() { [ -d "$1" ] && [ ! -L "$1" ]; }
 # ours_dir PATH: a directory of ours, removed once empty.
 ours_dir() {
-  [ "$1" = "$d" ] || [ "$1" = "$d/bin" ] || [ "$1" = "$l" ] && return 0
+  [ "$1" = "$d" ] || [ "$1" = "$d/bin" ] || [ "$1" = "$l" ] || [ "$1" = "$l/direct" ] && return 0
   [ "$1" = "$c" ] && [ -z "$custom_cache" ]
 }
 # left DIR [all]: how many entries stay in DIR after the cleanup: of our directories, those
@@ -84,7 +95,7 @@ left() {
   n=0
   for e in "$1"/* "$1"/.[!.]* "$1"/..?*; do
     exists "$e" || continue
-    if [ -n "$(kind "$1" "${e##*/}")" ] && file "$e"; then continue; fi
+    if [ -n "$(kind "$1" "${e##*/}")" ] && ours_file "$1" "$e"; then continue; fi
     if realdir "$e" && ours_dir "$e" && { [ $# = 2 ] || [ "$(left "$e")" = 0 ]; }; then continue; fi
     n=$((n + 1))
   done
@@ -93,7 +104,7 @@ left() {
 
 # 1. Checks; nothing changes before they all pass.
 bad=0
-for x in "$d" "$d/bin" "$c" "$l"; do
+for x in "$d" "$d/bin" "$c" "$l" "$l/direct"; do
   exists "$x" || continue
   why=
   if [ -L "$x" ]; then why="is a symlink"
@@ -133,18 +144,19 @@ done
 
 # 2. Our files, locks first: each removed while this script holds it.
 for pass in lock other; do
-  for x in "$d/bin" "$c" "$l" $run; do
+  for x in "$d/bin" "$c" "$l" "$l/direct" $run; do
     realdir "$x" || continue
     for e in "$x"/* "$x"/.[!.]* "$x"/..?*; do
       exists "$e" || continue
       k=$(kind "$x" "${e##*/}")
       [ -n "$k" ] || continue
-      if ! file "$e"; then
+      if ! ours_file "$x" "$e"; then
         [ $pass = lock ] && printf 'foreign\t%s\n' "$e"
         continue
       fi
       case $pass$k in locklock) ;; lock*|otherlock) continue;; esac
       size=$(stat -c %s -- "$e") || continue
+      [ "$k" = direct-socket ] && size=0
       if [ "$mode" = remove ]; then
         if [ "$k" = lock ]; then
           { flock -n 9 || { printf 'busy\t%s\t%s\n' "$(cat -- "$e")" "$e"; exit 75; }; rm -f -- "$e"; } 9<"$e" || continue
@@ -157,8 +169,22 @@ for pass in lock other; do
   done
 done
 
+# The key lines of direct transfers, from the login user's authorized_keys: the file is
+# rewritten without them (owner and mode kept) and renamed into place.
+ak=${HOME:-/nonexistent}/.ssh/authorized_keys
+pattern=' relaymove-direct-[0-9a-f]{32}$'
+if file "$ak" && grep -Eq -- "$pattern" "$ak"; then
+  size=$(grep -E -- "$pattern" "$ak" | wc -c)
+  if [ "$mode" = remove ]; then
+    t=$(mktemp "$ak.relaymove.XXXXXX") || exit 1
+    grep -Ev -- "$pattern" "$ak" > "$t"
+    chown --reference="$ak" -- "$t" && chmod --reference="$ak" -- "$t" && mv -f -- "$t" "$ak" || { rm -f -- "$t"; exit 1; }
+  fi
+  printf 'remove\tauthorized-key\t%s\t%s\n' "$size" "$ak"
+fi
+
 # 3. Our directories, innermost first, once nothing else is in them.
-for x in "$d/bin" "$c" "$l" "$d"; do
+for x in "$d/bin" "$c" "$l/direct" "$l" "$d"; do
   realdir "$x" && ours_dir "$x" || continue
   if [ "$(left "$x")" = 0 ]; then
     [ "$mode" = remove ] && { rmdir -- "$x" || exit 1; }
@@ -439,6 +465,9 @@ mod tests {
             ("cache", format!("{cache}/{HASH}.hashes")),
             ("cache-temp", format!("{cache}/{HASH}.tmp4242")),
             ("lock", format!("{locks}/tree-{HASH}.lock")),
+            ("direct-key", format!("{locks}/direct/{HASH}")),
+            ("direct-key", format!("{locks}/direct/{HASH}.pub")),
+            ("direct-key", format!("{locks}/direct/{HASH}.known_hosts")),
         ]
         .into_iter()
         .map(|(k, rel)| {
@@ -446,6 +475,17 @@ mod tests {
             (k.to_string(), path.to_str().unwrap().to_string())
         })
         .collect::<Vec<_>>();
+        let socket = home.path(&format!("{locks}/direct/{HASH}.sock"));
+        drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+        home.own(&socket);
+        v.push(("direct-socket".into(), socket.to_str().unwrap().into()));
+        // A killed transfer's key line among the user's own.
+        let keys = home.file(
+            ".ssh/authorized_keys",
+            format!("ssh-ed25519 MINE me\nrestrict ssh-ed25519 AAAA relaymove-direct-{HASH}\n")
+                .as_bytes(),
+        );
+        v.push(("authorized-key".into(), keys.to_str().unwrap().into()));
         v.sort();
         v
     }
@@ -479,6 +519,11 @@ mod tests {
             );
             let (cache, locks) = home.places(xdg);
             assert!(!cache.exists() && !locks.exists(), "xdg {xdg}");
+            assert_eq!(
+                std::fs::read(home.path(".ssh/authorized_keys")).unwrap(),
+                b"ssh-ed25519 MINE me\n",
+                "the user's own key line stays"
+            );
             assert_eq!(home.run("remove", xdg), (0, vec![], String::new()));
         }
     }
