@@ -5,6 +5,9 @@
 //! - `forward`: every message for the domain goes to the other host's address through a
 //!   dedicated `smtp` transport, and the rest is delivered as usual. Used on old after the
 //!   cutover (senders still resolving old's address), and on new during a rollback.
+//! - `trust`, on top of either or none: the other host's addresses pass the client, HELO,
+//!   sender and recipient checks (an SPF policy would refuse mail the other host forwards:
+//!   the original sender's SPF does not name it), never the relay check.
 //! - `restore`: the configuration as it was before the first mode, and nothing of ours left.
 //!
 //! Each mode starts from the kept original (`main.cf` and `master.cf`, copied once, root-only)
@@ -48,7 +51,9 @@ impl Mode {
 
 /// `sh -c SCRIPT sh ACTION ARGS...`. `set -e` stops at the first failing command, before the
 /// mode is recorded; `postfix check` runs before the reload so a broken change is never loaded.
-const SCRIPT: &str = r#"set -eu
+/// The configuration is always rebuilt from the kept original: the mode (`freeze` or
+/// `forward`, whose arguments are kept too) and, independently, `trust`.
+const SCRIPT: &str = r#"set -euf
 keep=$KEEP
 action=$1; shift
 # The original, kept once: master.cf first, main.cf last by rename, so that a kept main.cf
@@ -68,30 +73,68 @@ put_back() {
 reload_if_running() {
     if postfix status >/dev/null 2>&1; then postfix reload 2>&1; fi
 }
+# apply MODE [DOMAIN NEXTHOP HELO] [TRUSTED...]: the original, then the mode, then the trust.
+apply() {
+    mode=$1; shift
+    put_back
+    case $mode in
+    freeze)
+        # Every transport that delivers somewhere: into a mailbox (lmtp, local, virtual, pipe)
+        # or to another host (smtp, relay).
+        transports=$(postconf -M | awk '$2 == "unix" && ($8 == "smtp" || $8 == "lmtp" || $8 == "local" || $8 == "virtual" || $8 == "pipe") { printf "%s ", $1 }')
+        postconf -e "defer_transports = $transports" ;;
+    forward)
+        domain=$1 nexthop=$2 helo=$3; shift 3
+        maps=$(postconf -h transport_maps)
+        postconf -e "transport_maps = inline:{$domain=relaymove-forward:$nexthop:25}${maps:+, $maps}"
+        postconf -M "relaymove-forward/unix=relaymove-forward unix - - n - - smtp"
+        postconf -P "relaymove-forward/unix/myhostname=$helo" \
+            "relaymove-forward/unix/smtp_tls_security_level=encrypt" \
+            "relaymove-forward/unix/syslog_name=postfix/relaymove-forward" ;;
+    esac
+    if [ $# -gt 0 ]; then
+        # The other host hands over mail it accepted for the domain from the original senders:
+        # their SPF (and any other check of the client, HELO or sender) does not describe it.
+        # OK in these lists does not permit relaying: smtpd_relay_restrictions are evaluated
+        # on their own, and must guard relaying for this to be safe.
+        relay=$(postconf -h smtpd_relay_restrictions)
+        case $relay in
+        *reject_unauth_destination*|*defer_unauth_destination*) ;;
+        *) echo "smtpd_relay_restrictions ($relay) does not end relaying with reject_unauth_destination or defer_unauth_destination: letting the other host past the recipient checks could open the relay; fix: set smtpd_relay_restrictions = permit_mynetworks permit_sasl_authenticated defer_unauth_destination (Postfix's default)" >&2
+           exit 3 ;;
+        esac
+        map="inline:{"
+        for a in "$@"; do map="$map $a=OK,"; done
+        map="${map%,} }"
+        for list in smtpd_client_restrictions smtpd_helo_restrictions smtpd_sender_restrictions smtpd_recipient_restrictions; do
+            now=$(postconf -h "$list")
+            postconf -e "$list = check_client_access $map${now:+, $now}"
+        done
+    fi
+    postfix check
+    reload_if_running
+}
+trusted() { if [ -f "$keep/trust" ]; then cat "$keep/trust"; fi; }
+forward_args() { if [ -f "$keep/forward" ]; then cat "$keep/forward"; fi; }
+current() { if [ -f "$keep/mode" ]; then cat "$keep/mode"; else echo normal; fi; }
 case $action in
 freeze)
-    keep_original; put_back
-    # Every transport that delivers somewhere: into a mailbox (lmtp, local, virtual, pipe)
-    # or to another host (smtp, relay).
-    transports=$(postconf -M | awk '$2 == "unix" && ($8 == "smtp" || $8 == "lmtp" || $8 == "local" || $8 == "virtual" || $8 == "pipe") { printf "%s ", $1 }')
-    postconf -e "defer_transports = $transports"
-    postfix check
-    reload_if_running
+    keep_original
+    apply freeze $(trusted)
     echo freeze > "$keep/mode" ;;
 forward)
-    domain=$1 nexthop=$2 helo=$3
-    keep_original; put_back
-    maps=$(postconf -h transport_maps)
-    postconf -e "transport_maps = inline:{$domain=relaymove-forward:$nexthop:25}${maps:+, $maps}"
-    postconf -M "relaymove-forward/unix=relaymove-forward unix - - n - - smtp"
-    postconf -P "relaymove-forward/unix/myhostname=$helo" \
-        "relaymove-forward/unix/smtp_tls_security_level=encrypt" \
-        "relaymove-forward/unix/syslog_name=postfix/relaymove-forward"
-    postfix check
-    reload_if_running
+    keep_original
+    apply forward "$1" "$2" "$3" $(trusted)
+    echo "$1 $2 $3" > "$keep/forward"
     echo forward > "$keep/mode"
     # What waited during the freeze goes now, not at the next queue run.
     if postfix status >/dev/null 2>&1; then postqueue -f; fi ;;
+trust)
+    keep_original
+    mode=$(current)
+    if [ "$mode" = forward ]; then apply forward $(forward_args) "$@"; else apply "$mode" "$@"; fi
+    echo "$@" > "$keep/trust"
+    [ -f "$keep/mode" ] || echo normal > "$keep/mode" ;;
 restore)
     if [ -f "$keep/main.cf" ]; then
         put_back
@@ -100,7 +143,7 @@ restore)
         rm -rf "$keep"
     fi ;;
 mode)
-    if [ -f "$keep/mode" ]; then cat "$keep/mode"; else echo normal; fi ;;
+    current ;;
 esac
 "#;
 
@@ -136,6 +179,23 @@ pub async fn forward(node: &Node, domain: &str, to: IpAddr, helo: &str) -> Resul
     script(node, &["forward", domain, &nexthop(to), helo])
         .await
         .with_context(|| format!("making Postfix on {} forward {domain} to {to}", node.role))?;
+    Ok(())
+}
+
+/// Postfix on `node` lets mail from `from` (the other host, forwarding) past its client,
+/// HELO, sender and recipient checks (the original senders' SPF names not that host), on
+/// top of its mode. Refused when `smtpd_relay_restrictions` does not guard relaying.
+pub async fn trust(node: &Node, from: &[IpAddr]) -> Result<()> {
+    let addrs: Vec<String> = from.iter().map(|a| a.to_string()).collect();
+    let mut argv = vec!["trust"];
+    argv.extend(addrs.iter().map(|a| a.as_str()));
+    script(node, &argv).await.with_context(|| {
+        format!(
+            "letting mail forwarded from {} past Postfix's client checks on {}",
+            addrs.join(", "),
+            node.role
+        )
+    })?;
     Ok(())
 }
 

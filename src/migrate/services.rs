@@ -276,6 +276,9 @@ pub async fn forward_old(cx: &mut Cx) -> Result<Value> {
     };
     let domain = cx.config.domain.trim_end_matches('.').to_string();
     let helo = postfix::helo_name(&cx.old, &domain).await?;
+    // New must take what old forwards even where the original sender's SPF would refuse it.
+    let from = forwarder_addresses(&cx.old, cx.config.hosts.old.addresses(), to).await;
+    postfix::trust(&cx.new, &from).await?;
     postfix::forward(&cx.old, &domain, to, &helo).await?;
     if let Some(why) = still_forwarding(cx).await? {
         bail!("{why} after switching it to forwarding");
@@ -298,6 +301,27 @@ pub async fn forward_old(cx: &mut Cx) -> Result<Value> {
         "since": crate::migrate::now_unix(),
         "queued": left,
     }))
+}
+
+/// The addresses mail forwarded by `node` to `to` comes from: the configured ones and the
+/// source address the node's kernel picks for `to` (an outgoing address the config may not
+/// name).
+pub async fn forwarder_addresses(node: &Node, configured: Vec<IpAddr>, to: IpAddr) -> Vec<IpAddr> {
+    let mut from = configured;
+    if let Ok(route) = node
+        .run(&["ip", "-o", "route", "get", &to.to_string()])
+        .await
+    {
+        let source = route
+            .split_whitespace()
+            .skip_while(|w| *w != "src")
+            .nth(1)
+            .and_then(|a| a.parse::<IpAddr>().ok());
+        if let Some(a) = source.filter(|a| !from.contains(a)) {
+            from.push(a);
+        }
+    }
+    from
 }
 
 /// `None` while old's Postfix runs in forwarding mode.
@@ -362,6 +386,8 @@ pub async fn retire_old(cx: &mut Cx) -> Result<()> {
     if let Some(why) = units_stopped(&cx.old, &cx.profile).await? {
         bail!("{why} after stopping it");
     }
+    // Nothing comes from old any more: new's checks apply to every client again.
+    postfix::restore(&cx.new).await?;
     Ok(())
 }
 

@@ -8,7 +8,7 @@
 use crate::migrate::journal::{self, StepState};
 use crate::migrate::profile::Tree;
 use crate::migrate::{Cx, Journal, StepId};
-use crate::remote::mirror::{mirror, scan_both, MirrorOptions, Side};
+use crate::remote::mirror::{mirror, scan_both, MirrorOptions, Route, Side};
 use crate::report::size;
 use crate::sync::manifest::{Kind, Manifest};
 use crate::sync::verify::{compare, Content};
@@ -129,9 +129,21 @@ pub async fn presync(cx: &mut Cx) -> Result<Value> {
         priority(cx, false).await?;
     }
     Ok(json!({
-        "summary": format!("{} trees copied while old serves mail", trees.len()),
+        "summary": format!(
+            "{} trees copied while old serves mail, {}",
+            trees.len(),
+            route_words(&cx.route(true).await)
+        ),
         "trees": facts,
     }))
+}
+
+/// How the data went, for a step's summary.
+fn route_words(route: &Route) -> String {
+    match route {
+        Route::Direct(to) => format!("old → new directly (at {to})"),
+        Route::Controller => "relayed through this machine".to_string(),
+    }
 }
 
 /// Both agents at low or normal CPU and I/O priority.
@@ -201,7 +213,11 @@ pub async fn final_sync(cx: &mut Cx) -> Result<Value> {
         ),
     );
     Ok(json!({
-        "summary": format!("{} trees and the held queue moved; {proven} entries proven identical", trees.len()),
+        "summary": format!(
+            "{} trees and the held queue moved {}; {proven} entries proven identical",
+            trees.len(),
+            route_words(&cx.route(true).await)
+        ),
         "trees": facts,
         "proven_entries": proven,
         "queue": {"hold": held},

@@ -611,6 +611,38 @@ impl Connection {
         ))
     }
 
+    /// Ends `ssh` (and so the stream: the receiver then removes its temporary files) as soon
+    /// as `input`, the controller's pipe, becomes readable or closes: the controller was
+    /// interrupted or went away. Nothing else arrives there while a send runs. Stops
+    /// watching when the returned guard is dropped.
+    pub fn cancel_on(&self, input: std::os::fd::RawFd) -> CancelWatch {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let pid = self.child.id() as libc::pid_t;
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut fd = libc::pollfd {
+                fd: input,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                // SAFETY: one valid pollfd for the duration of the call.
+                let n = unsafe { libc::poll(&mut fd, 1, 200) };
+                if n > 0 && fd.revents != 0 {
+                    // SAFETY: `pid` is our own child, not yet waited for (the guard is
+                    // dropped before `finish` waits).
+                    unsafe { libc::kill(pid, libc::SIGTERM) };
+                    return true;
+                }
+            }
+            false
+        });
+        CancelWatch {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
     /// Waits for `ssh` to end (its stdin must be closed first); an error says why it failed.
     pub fn finish(mut self) -> Result<()> {
         let status = self.child.wait().context("waiting for ssh")?;
@@ -629,6 +661,33 @@ impl Connection {
                 format!(": {why}")
             }
         )
+    }
+}
+
+/// Watches for the controller's cancellation while a direct send runs.
+pub struct CancelWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<bool>>,
+}
+
+impl CancelWatch {
+    /// Stops watching; true when the controller cancelled.
+    pub fn end(mut self) -> bool {
+        self.stop_now()
+    }
+
+    fn stop_now(&mut self) -> bool {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .take()
+            .map(|t| t.join().unwrap_or(false))
+            .unwrap_or(false)
+    }
+}
+
+impl Drop for CancelWatch {
+    fn drop(&mut self) {
+        self.stop_now();
     }
 }
 

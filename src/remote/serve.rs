@@ -190,11 +190,15 @@ fn send_direct(
         .remove(&to.token)
         .ok_or_else(|| anyhow!("bug: no direct transfer {} was set up", to.token))?;
     let (connection, stdin) = Connection::open(key, &to.user, &to.host_keys)?;
+    let watch = connection.cancel_on(libc::STDIN_FILENO);
     let mut chunks = ChunkWriter::new(Throttle::new(stdin, bwlimit));
     let sent = do_send(root, items, level, &mut chunks);
-    // Closing ssh's input (dropping the writer) ends the connection; ssh's verdict comes
-    // first, as it explains a broken pipe.
+    // Closing ssh's input (dropping the writer) ends the connection.
     let ended = chunks.finish().map(drop);
+    if watch.end() {
+        bail!("the controller cancelled the transfer");
+    }
+    // ssh's verdict comes first: it explains a broken pipe.
     connection.finish()?;
     sent?;
     ended.context("finishing the stream")
@@ -496,4 +500,48 @@ fn do_receive(
     receiver.run(input, |p| {
         let _ = write_frame(&mut stdout.lock(), &ReceiveEvent::Progress(p));
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_throttled_stream_takes_at_least_its_size_over_the_rate() {
+        let start = std::time::Instant::now();
+        let mut out = Throttle::new(Vec::new(), Some(1 << 20));
+        for _ in 0..4 {
+            out.write_all(&[7u8; 64 << 10]).unwrap();
+        }
+        assert_eq!(out.inner.len(), 256 << 10);
+        // 256 KiB at 1 MiB/s: a quarter of a second at least (no upper bound: a loaded
+        // machine may take longer).
+        assert!(start.elapsed() >= std::time::Duration::from_millis(240));
+        let start = std::time::Instant::now();
+        let mut free = Throttle::new(Vec::new(), None);
+        free.write_all(&[7u8; 1 << 20]).unwrap();
+        assert!(start.elapsed() < std::time::Duration::from_secs(5));
+    }
+
+    /// Priority is per thread on Linux: a thread of its own, so the test runner's other
+    /// threads keep theirs.
+    #[test]
+    fn low_priority_sets_nice_and_the_io_class_and_root_can_go_back() {
+        std::thread::spawn(|| {
+            let ioprio = || unsafe { libc::syscall(libc::SYS_ioprio_get, 1, 0) };
+            priority(true).unwrap();
+            // SAFETY: plain system calls about the calling thread.
+            assert_eq!(unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }, 10);
+            assert_eq!(ioprio(), 2 << 13 | 7, "best effort, level 7");
+            // Threads started now (a send's compressors) inherit it.
+            let child = std::thread::spawn(|| unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) });
+            assert_eq!(child.join().unwrap(), 10);
+            if nix::unistd::geteuid().is_root() {
+                priority(false).unwrap();
+                assert_eq!(unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }, 0);
+            }
+        })
+        .join()
+        .unwrap();
+    }
 }
