@@ -43,8 +43,8 @@ fn sshd() -> Option<Sshd> {
     start_sshd(false, "")
 }
 
-/// Like `sshd`, but the host it serves has a /var/lib and a /run of its own: `host/varlib`
-/// and `host/run` in its directory, bound there in a mount and pid namespace of its own.
+/// Like `sshd`, but the host it serves has a /var/lib, a /run and a home of its own:
+/// `host/varlib`, `host/run` and `host/home` in its directory, bound there in a mount and pid namespace of its own.
 /// The agent, its caches and locks then land there, apart from this machine's (which other
 /// tests and builds use), and that host's /proc shows only its own processes.
 fn isolated_sshd() -> Option<Sshd> {
@@ -87,7 +87,7 @@ fn start_sshd(isolated: bool, extra: &str) -> Option<Sshd> {
     fs::write(
         d.join("sshd_config"),
         format!(
-            "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\n\
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys .ssh/authorized_keys\n\
              PidFile {d}/sshd.pid\nPermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\n\
              MaxSessions 30\nAllowAgentForwarding no\nLogLevel ERROR\n{extra}",
             d = d.display()
@@ -106,7 +106,7 @@ fn start_sshd(isolated: bool, extra: &str) -> Option<Sshd> {
     }
     let mut cmd = if isolated {
         let host = d.join("host");
-        for sub in ["varlib", "run/sshd"] {
+        for sub in ["varlib", "run/sshd", "home"] {
             fs::create_dir_all(host.join(sub)).unwrap();
         }
         // --kill-child: when the test kills unshare, the namespace's first process and with
@@ -121,7 +121,7 @@ fn start_sshd(isolated: bool, extra: &str) -> Option<Sshd> {
             "--",
             "sh",
             "-c",
-            "mount --bind \"$1/varlib\" /var/lib && mount --bind \"$1/run\" /run && exec /usr/sbin/sshd -D -e -f \"$2\"",
+            "mount --bind \"$1/home\" ~ && mount --bind \"$1/varlib\" /var/lib && mount --bind \"$1/run\" /run && exec /usr/sbin/sshd -D -e -f \"$2\"",
             "sh",
         ])
         .arg(&host)
@@ -209,12 +209,30 @@ fn syncs_in_all_three_directions() {
         .unwrap());
     assert_mirror(&src, &b);
 
+    // Remote → remote goes host to host by default: DEST's agent authorizes a one-time key
+    // in the user's ~/.ssh/authorized_keys (sshd's default, also read by this test's sshd)
+    // and leaves the file as it was. `--route controller` relays through this process.
+    let authorized = Path::new(&std::env::var("HOME").unwrap()).join(".ssh/authorized_keys");
+    let before = fs::read(&authorized).ok();
     let c = t.path().join("c");
     ok(sshd
         .sync(&remote(&b), &remote(&c), &cache)
         .output()
         .unwrap());
     assert_mirror(&src, &c);
+    assert_eq!(
+        fs::read(&authorized).ok(),
+        before,
+        "{}",
+        authorized.display()
+    );
+    let relayed = t.path().join("relayed");
+    ok(sshd
+        .sync(&remote(&b), &remote(&relayed), &cache)
+        .args(["--route", "controller"])
+        .output()
+        .unwrap());
+    assert_mirror(&src, &relayed);
 
     // The agent was uploaded once, root-only, and is reused.
     let bin_dir = Path::new("/var/lib/relaymove/bin");

@@ -7,7 +7,8 @@
 //! 2. new's agent adds the public half to its user's `~/.ssh/authorized_keys` as
 //!    `restrict,from="<old's address>",command="<agent> agent accept <token>"` and listens
 //!    on a socket in its runtime directory ([`Accepting::open`]); it answers with its SSH
-//!    host keys, read through the controller's verified session;
+//!    host keys (those its sshd presents, and `/etc/ssh`'s), read through the controller's
+//!    verified session;
 //! 3. old runs `ssh` with only that key, only those host keys (no trust on first use, no
 //!    agent, no forwarding, no config of old's) and writes the chunked stream into it
 //!    ([`Connection`]); sshd on new runs `agent accept`, which hands the stream to the
@@ -347,19 +348,24 @@ fn authorized_keys() -> Result<PathBuf> {
     Ok(PathBuf::from(home).join(".ssh/authorized_keys"))
 }
 
-/// This host's SSH host public keys.
+/// This host's SSH host public keys (`type base64`): those the sshd serving this agent
+/// presents (it is the sshd the controller verified; it may use its own `HostKey` files),
+/// then those in `/etc/ssh`. Old trusts any of them and nothing else.
 fn host_keys() -> Result<Vec<String>> {
-    let mut keys = Vec::new();
+    let mut keys = serving_sshd_keys();
     let dir = Path::new("/etc/ssh");
-    let entries = std::fs::read_dir(dir).context("reading /etc/ssh")?;
-    let mut names: Vec<_> = entries
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name())
-        .filter(|n| {
-            let n = n.as_bytes();
-            n.starts_with(b"ssh_host_") && n.ends_with(b"_key.pub")
-        })
-        .collect();
+    let mut names: Vec<_> = match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name())
+            .filter(|n| {
+                let n = n.as_bytes();
+                n.starts_with(b"ssh_host_") && n.ends_with(b"_key.pub")
+            })
+            .collect(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e).context("reading /etc/ssh"),
+    };
     names.sort();
     for name in names {
         let text = std::fs::read_to_string(dir.join(&name))
@@ -369,10 +375,47 @@ fn host_keys() -> Result<Vec<String>> {
             keys.push(format!("{kind} {b64}"));
         }
     }
+    let mut seen = std::collections::HashSet::new();
+    keys.retain(|k| seen.insert(k.clone()));
     if keys.is_empty() {
-        bail!("no SSH host key in /etc/ssh/ssh_host_*_key.pub, so old could not verify this host; use --route controller");
+        bail!("no SSH host key found (asked the sshd serving this agent, read /etc/ssh/ssh_host_*_key.pub), so old could not verify this host; use --route controller");
     }
     Ok(keys)
+}
+
+/// The host keys of the sshd this agent runs under, asked at the address and port
+/// `SSH_CONNECTION` names (this host's own end of the controller's session). Empty when
+/// that is not known (a `sudo` that drops the variable) or `ssh-keyscan` fails.
+fn serving_sshd_keys() -> Vec<String> {
+    let Some((address, port)) = std::env::var("SSH_CONNECTION")
+        .ok()
+        .and_then(|c| serving_end(&c))
+    else {
+        return Vec::new();
+    };
+    let out = Command::new("ssh-keyscan")
+        .args(["-T", "5", "-p", &port.to_string(), &address.to_string()])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output();
+    let Ok(out) = out else { return Vec::new() };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let mut fields = l.split_whitespace().skip(1);
+            Some(format!("{} {}", fields.next()?, fields.next()?))
+        })
+        .collect()
+}
+
+/// The server's address and port in `SSH_CONNECTION` (`client port server port`).
+fn serving_end(connection: &str) -> Option<(IpAddr, u16)> {
+    let fields: Vec<&str> = connection.split_whitespace().collect();
+    match fields[..] {
+        [_, _, address, port] => Some((address.parse().ok()?, port.parse().ok()?)),
+        _ => None,
+    }
 }
 
 /// One line added to an `authorized_keys` file, and what must be undone to leave the file
@@ -729,6 +772,20 @@ mod tests {
         ] {
             assert!(checked_public_key(&bad, token).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_serving_end_of_ssh_connection_is_the_third_and_fourth_field() {
+        assert_eq!(
+            serving_end("10.0.0.9 51234 127.0.0.1 43489"),
+            Some(("127.0.0.1".parse().unwrap(), 43489))
+        );
+        assert_eq!(
+            serving_end("2001:db8::9 51234 2001:db8::1 22"),
+            Some(("2001:db8::1".parse().unwrap(), 22))
+        );
+        assert_eq!(serving_end("10.0.0.9 51234 127.0.0.1"), None);
+        assert_eq!(serving_end("10.0.0.9 51234 not-an-address 22"), None);
     }
 
     #[test]
