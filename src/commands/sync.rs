@@ -64,7 +64,8 @@ pub struct SyncCmd {
     /// No progress display.
     #[arg(long)]
     pub no_progress: bool,
-    /// zstd level for the stream (negative = faster, larger). Default: 1 over SSH, -1 locally.
+    /// zstd level for the stream (negative = faster, larger). Default: 1 over SSH; between two
+    /// local trees the stream is not compressed (only with --tee-stream, at -1).
     #[arg(long, allow_hyphen_values = true, value_parser = clap::value_parser!(i32).range(-7..=19))]
     pub compress_level: Option<i32>,
     /// Also write the transfer stream to FILE (zstd-compressed tar: `zstd -dc FILE | tar tv`).
@@ -251,10 +252,13 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
     };
     let (src, src_root) = src_conn?;
     let (dest, dest_root) = dest_conn?;
-    let level = cmd.compress_level.unwrap_or(match (&src_ep, &dest_ep) {
-        (Endpoint::Local(_), Endpoint::Local(_)) => -1,
-        _ => 1,
-    });
+    // Between two local trees compressing only costs CPU, except for the --tee-stream copy.
+    let level = match (cmd.compress_level, &src_ep, &dest_ep) {
+        (Some(level), _, _) => Some(level),
+        (None, Endpoint::Local(_), Endpoint::Local(_)) if cmd.tee_stream.is_none() => None,
+        (None, Endpoint::Local(_), Endpoint::Local(_)) => Some(-1),
+        (None, _, _) => Some(1),
+    };
 
     let connected = start.elapsed();
     let (sa, da) = tokio::select! {

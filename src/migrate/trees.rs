@@ -52,7 +52,7 @@ async fn options(cx: &Cx, step: StepId, excludes: Vec<String>) -> MirrorOptions 
         excludes,
         allow_empty_source: false,
         dry_run: false,
-        level: 1,
+        level: Some(1),
         tee_stream: None,
         progress: cx.options.progress && !cx.out.json(),
         ..MirrorOptions::default()

@@ -42,8 +42,8 @@ pub struct MirrorOptions {
     pub allow_empty_source: bool,
     /// Plan only.
     pub dry_run: bool,
-    /// zstd level of the stream.
-    pub level: i32,
+    /// zstd level of the stream; `None`: a plain tar (both sides on this host).
+    pub level: Option<i32>,
     /// Also write the stream to this file (created 0600, never over an existing file).
     pub tee_stream: Option<PathBuf>,
     /// Show a progress bar or lines on stderr while the stream flows.
@@ -81,7 +81,7 @@ impl Default for MirrorOptions {
             excludes: Vec::new(),
             allow_empty_source: false,
             dry_run: false,
-            level: 0,
+            level: Some(1),
             tee_stream: None,
             progress: false,
             timeout: DEFAULT_TIMEOUT,
@@ -497,6 +497,7 @@ async fn transfer(
             root: root_bytes(to.root),
             plan: plan.clone(),
             keep_setuid: opts.keep_setuid,
+            compressed: level.is_some(),
             from: None,
         })
         .await?;
@@ -679,6 +680,7 @@ async fn transfer_direct(
             root: root_bytes(to.root),
             plan: plan.clone(),
             keep_setuid: opts.keep_setuid,
+            compressed: opts.level.is_some(),
             from: Some(token.clone()),
         })
         .await?;

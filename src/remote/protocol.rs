@@ -4,7 +4,8 @@
 //! The agent first sends a [`Hello`]; then the controller sends [`Request`]s on stdin, one
 //! at a time:
 //! - `Scan`, `Hash`: answered with one frame, `Reply<Manifest>` or `Reply<Vec<(path, hash)>>`.
-//! - `Send`: answered with the transfer stream (a zstd-compressed tar) cut into chunks, then
+//! - `Send`: answered with the transfer stream (a tar, zstd-compressed unless the request
+//!   says otherwise) cut into chunks, then
 //!   a `Reply<()>` frame saying whether the sender finished.
 //! - `Space`: answered with `Reply<Space>`, the free space where a root is (or would be).
 //! - `DirectKey` on the sender, `DirectAccept` on the receiver: set up a direct transfer
@@ -44,7 +45,7 @@ const MAX_FRAME: u64 = MAX_DECODED / 2;
 pub const CHUNK: usize = 1 << 20;
 
 /// Changes whenever a message changes shape; the agent's file name pins the exact build.
-pub const PROTOCOL: u32 = 6;
+pub const PROTOCOL: u32 = 7;
 
 /// The agent's first frame: proof it started and speaks this protocol.
 #[derive(Serialize, Deserialize, Debug)]
@@ -66,7 +67,9 @@ pub enum Request {
     Send {
         root: Vec<u8>,
         items: Vec<SendItem>,
-        level: i32,
+        /// zstd level of the stream; `None`: a plain tar (both agents on the controller's
+        /// host, where compressing would only cost CPU).
+        level: Option<i32>,
         /// Bytes of stream a second at most (`--bwlimit`).
         bwlimit: Option<u64>,
         /// Write the stream to new's agent directly instead of to stdout (the direct route);
@@ -79,6 +82,8 @@ pub enum Request {
         /// Keep setuid/setgid bits on root-owned files; else the receiver drops them,
         /// whatever the stream's headers say.
         keep_setuid: bool,
+        /// The stream is zstd-compressed (the sender was given a level).
+        compressed: bool,
         /// Read the stream from the connection of this direct transfer (see `DirectAccept`)
         /// instead of stdin; stdin then only cancels: any input or its end stops the wait.
         from: Option<String>,

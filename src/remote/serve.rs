@@ -111,11 +111,19 @@ pub fn serve() -> Result<i32> {
                 root,
                 plan,
                 keep_setuid,
+                compressed,
                 from: None,
             } => {
                 drop(out);
                 let mut chunks = ChunkReader::new(io::stdin());
-                let received = do_receive(path(&root), &plan, keep_setuid, &mut chunks, &stdout);
+                let received = do_receive(
+                    path(&root),
+                    &plan,
+                    keep_setuid,
+                    compressed,
+                    &mut chunks,
+                    &stdout,
+                );
                 let failed = received.is_err();
                 report_received(received, &stdout)?;
                 // Skip what the receiver did not read, up to the end marker.
@@ -131,6 +139,7 @@ pub fn serve() -> Result<i32> {
                 root,
                 plan,
                 keep_setuid,
+                compressed,
                 from: Some(token),
             } => {
                 drop(out);
@@ -143,7 +152,14 @@ pub fn serve() -> Result<i32> {
                         write_frame(&mut stdout.lock(), &ReceiveEvent::Connected)?;
                         // Dropped at the end: old's `agent accept`, and its ssh, then end.
                         let mut chunks = ChunkReader::new(stream);
-                        do_receive(path(&root), &plan, keep_setuid, &mut chunks, &stdout)
+                        do_receive(
+                            path(&root),
+                            &plan,
+                            keep_setuid,
+                            compressed,
+                            &mut chunks,
+                            &stdout,
+                        )
                     });
                 report_received(received, &stdout)?;
             }
@@ -181,7 +197,7 @@ fn send_direct(
     direct: &mut Direct,
     root: &Path,
     items: &[SendItem],
-    level: i32,
+    level: Option<i32>,
     bwlimit: Option<u64>,
     to: &DirectSend,
 ) -> Result<()> {
@@ -475,7 +491,7 @@ fn do_hash(root: &Path, paths: Vec<Vec<u8>>) -> Result<Hashes> {
     Ok(out)
 }
 
-fn do_send(root: &Path, items: &[SendItem], level: i32, out: impl Write) -> Result<()> {
+fn do_send(root: &Path, items: &[SendItem], level: Option<i32>, out: impl Write) -> Result<()> {
     let mut cache = HashCache::open(root);
     let threads = std::thread::available_parallelism()
         .map(|n| n.get() as u32)
@@ -490,13 +506,15 @@ fn do_receive(
     root: &Path,
     plan: &Plan,
     keep_setuid: bool,
+    compressed: bool,
     input: &mut ChunkReader<impl Read + Send>,
     stdout: &io::Stdout,
 ) -> Result<crate::sync::receive::ReceiveStats> {
     let tree = Tree::open(root)?;
     let cache = HashCache::open(root);
-    let receiver =
-        Receiver::new(tree, plan, cache, Durability::from_env()).keep_setuid(keep_setuid);
+    let receiver = Receiver::new(tree, plan, cache, Durability::from_env())
+        .keep_setuid(keep_setuid)
+        .compressed(compressed);
     receiver.run(input, |p| {
         let _ = write_frame(&mut stdout.lock(), &ReceiveEvent::Progress(p));
     })

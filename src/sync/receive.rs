@@ -296,7 +296,7 @@ impl Drop for TempGuard<'_> {
     }
 }
 
-/// Counts the compressed bytes read from the wire.
+/// Counts the bytes read from the wire (compressed, when the stream is).
 struct CountingReader<R> {
     inner: R,
     count: Arc<AtomicU64>,
@@ -343,18 +343,24 @@ fn copy_hashing(
     Ok((hasher.finalize().into(), total))
 }
 
-/// Decompresses `input` into buffers taken from `empty` and handed over through `full`.
+/// Reads `input`, decompressing it if `compressed`, into buffers taken from `empty` and
+/// handed over through `full`.
 fn decompress(
     input: impl Read,
+    compressed: bool,
     full: std::sync::mpsc::SyncSender<io::Result<(Vec<u8>, usize)>>,
     empty: std::sync::mpsc::Receiver<Vec<u8>>,
 ) {
-    let mut decoder = match zstd::stream::read::Decoder::new(input) {
-        Ok(d) => d,
-        Err(e) => {
-            let _ = full.send(Err(e));
-            return;
+    let mut decoder: Box<dyn Read> = if compressed {
+        match zstd::stream::read::Decoder::new(input) {
+            Ok(d) => Box::new(d),
+            Err(e) => {
+                let _ = full.send(Err(e));
+                return;
+            }
         }
+    } else {
+        Box::new(input)
     };
     while let Ok(mut buf) = empty.recv() {
         let result = loop {
@@ -423,6 +429,8 @@ pub struct Receiver<'p> {
     buf: Vec<u8>,
     /// Our own ids: a new file already has them, so chown can be skipped.
     me: (u32, u32),
+    /// The stream is zstd-compressed (the default), else a plain tar.
+    compressed: bool,
 }
 
 impl<'p> Receiver<'p> {
@@ -450,6 +458,7 @@ impl<'p> Receiver<'p> {
                 nix::unistd::geteuid().as_raw(),
                 nix::unistd::getegid().as_raw(),
             ),
+            compressed: true,
         }
     }
 
@@ -459,7 +468,13 @@ impl<'p> Receiver<'p> {
         self
     }
 
-    /// Carries out the plan, reading members from `input` (the zstd-compressed tar stream).
+    /// Whether the stream is zstd-compressed (by default) or a plain tar.
+    pub fn compressed(mut self, compressed: bool) -> Receiver<'p> {
+        self.compressed = compressed;
+        self
+    }
+
+    /// Carries out the plan, reading members from `input` (the tar stream).
     /// `progress` is called now and then from this thread.
     pub fn run(
         self,
@@ -640,7 +655,7 @@ impl<'p> Receiver<'p> {
             inner: input,
             count: wire.clone(),
         };
-        // Decompression runs in its own thread so it overlaps with hashing and writing.
+        // Reading and decompressing run in their own thread, overlapping hashing and writing.
         std::thread::scope(|scope| {
             let (full_tx, full_rx) =
                 std::sync::mpsc::sync_channel::<io::Result<(Vec<u8>, usize)>>(8);
@@ -648,7 +663,8 @@ impl<'p> Receiver<'p> {
             for _ in 0..10 {
                 let _ = empty_tx.send(vec![0u8; 256 * 1024]);
             }
-            scope.spawn(move || decompress(counting, full_tx, empty_rx));
+            let compressed = self.compressed;
+            scope.spawn(move || decompress(counting, compressed, full_tx, empty_rx));
             let reader = ChannelReader {
                 full: full_rx,
                 empty: empty_tx,

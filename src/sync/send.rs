@@ -28,9 +28,54 @@ const BUFFERED_MAX: u64 = 16 << 20;
 
 #[derive(Debug, Clone, Copy)]
 pub struct SendOptions {
-    /// zstd level; negative levels trade ratio for speed on fast links.
-    pub level: i32,
+    /// zstd level; negative levels trade ratio for speed on fast links. `None`: a plain tar.
+    pub level: Option<i32>,
     pub threads: u32,
+}
+
+/// Where the tar goes: straight out, or through zstd.
+enum Output<W: Write> {
+    Plain(W),
+    Zstd(zstd::stream::write::Encoder<'static, W>),
+}
+
+impl<W: Write> Output<W> {
+    fn new(out: W, opts: SendOptions) -> Result<Output<W>> {
+        let Some(level) = opts.level else {
+            return Ok(Output::Plain(out));
+        };
+        let mut encoder = zstd::stream::write::Encoder::new(out, level).context("starting zstd")?;
+        if opts.threads > 1 {
+            encoder
+                .multithread(opts.threads)
+                .context("starting zstd workers")?;
+        }
+        encoder.include_checksum(true)?;
+        Ok(Output::Zstd(encoder))
+    }
+
+    fn finish(self) -> Result<W> {
+        match self {
+            Output::Plain(out) => Ok(out),
+            Output::Zstd(encoder) => encoder.finish().context("finishing zstd"),
+        }
+    }
+}
+
+impl<W: Write> Write for Output<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Output::Plain(out) => out.write(buf),
+            Output::Zstd(encoder) => encoder.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Output::Plain(out) => out.flush(),
+            Output::Zstd(encoder) => encoder.flush(),
+        }
+    }
 }
 
 pub fn send(
@@ -41,15 +86,7 @@ pub fn send(
     cache: &mut HashCache,
 ) -> Result<()> {
     let mut tree = Tree::open_existing(root)?;
-    let mut encoder =
-        zstd::stream::write::Encoder::new(out, opts.level).context("starting zstd")?;
-    if opts.threads > 1 {
-        encoder
-            .multithread(opts.threads)
-            .context("starting zstd workers")?;
-    }
-    encoder.include_checksum(true)?;
-    let mut stream = StreamWriter::new(encoder);
+    let mut stream = StreamWriter::new(Output::new(out, opts)?);
     let mut names = Names::default();
     let mut vanished = Vec::new();
     // Hard-link groups: the member actually sent as a file, in case the planned one vanished.
@@ -72,13 +109,13 @@ pub fn send(
             vanished.push(hex(&item.path));
         }
     }
-    let encoder = stream
+    let output = stream
         .finish(Trailer {
             members: 0,
             vanished,
         })
         .context("finishing the stream")?;
-    let mut out = encoder.finish().context("finishing zstd")?;
+    let mut out = output.finish()?;
     out.flush()?;
     Ok(())
 }
@@ -196,7 +233,7 @@ mod tests {
         std::thread::spawn(move || {
             let mut wire = Vec::new();
             let opts = SendOptions {
-                level: 1,
+                level: Some(1),
                 threads: 1,
             };
             let r = send(

@@ -1,5 +1,5 @@
-//! The transfer stream: a standard POSIX (PAX) tar, zstd-compressed, readable with
-//! `zstd -d | tar tv`. Each member carries PAX records for what ustar cannot hold:
+//! The transfer stream: a standard POSIX (PAX) tar, zstd-compressed (`zstd -d | tar tv` reads
+//! it) except between two local trees, where compressing would only cost CPU. Each member carries PAX records for what ustar cannot hold:
 //! `path`/`linkpath` (any length, raw bytes), `mtime` with nanoseconds, `uname`/`gname`,
 //! `uid`/`gid`, and `RELAYMOVE.sha256`, the hex SHA-256 of a regular file's content, which
 //! the receiver checks before the file gets its real name.
