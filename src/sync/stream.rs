@@ -1,8 +1,9 @@
 //! The transfer stream: a standard POSIX (PAX) tar, zstd-compressed (`zstd -d | tar tv` reads
-//! it) except between two local trees, where compressing would only cost CPU. Each member carries PAX records for what ustar cannot hold:
-//! `path`/`linkpath` (any length, raw bytes), `mtime` with nanoseconds, `uname`/`gname`,
-//! `uid`/`gid`, and `RELAYMOVE.sha256`, the hex SHA-256 of a regular file's content, which
-//! the receiver checks before the file gets its real name.
+//! it) except between two local trees, where compressing would only cost CPU. Each member
+//! carries PAX records for what ustar cannot hold: `path`/`linkpath` (any length, raw
+//! bytes), `mtime` with nanoseconds, `uname`/`gname`, `uid`/`gid`, and `RELAYMOVE.sha256`,
+//! the hex SHA-256 of a regular file's content, which the receiver checks before the file
+//! gets its real name.
 //!
 //! The stream ends with a PAX global header carrying `RELAYMOVE.trailer`, a JSON object
 //! listing what the sender could not send (vanished from a live source). A stream without
