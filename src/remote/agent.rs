@@ -29,17 +29,6 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::task::JoinHandle;
 
-/// Bytes a pipe to or from an agent holds: one whole stream chunk (`protocol::CHUNK`) and
-/// its length, so a sender keeps writing the next chunk while the controller relays the last
-/// one. Linux's default of 64 KiB made the sender and the receiver take turns.
-const PIPE_BYTES: i32 = (crate::remote::protocol::CHUNK + 4096) as i32;
-
-/// Gives a pipe to or from an agent `PIPE_BYTES`. One that cannot grow (an unprivileged
-/// user over `/proc/sys/fs/pipe-max-size`) keeps its size: only slower.
-pub fn widen_pipe(pipe: &impl std::os::fd::AsFd) {
-    let _ = nix::fcntl::fcntl(pipe.as_fd(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_BYTES));
-}
-
 /// A command run on a host that did not succeed.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -323,12 +312,10 @@ impl Host {
                 let stdin = child
                     .stdin
                     .take()
-                    .inspect(widen_pipe)
                     .map(|s| Box::pin(s) as Pin<Box<dyn AsyncWrite + Send>>);
                 let stdout = child
                     .stdout
                     .take()
-                    .inspect(widen_pipe)
                     .map(|s| Box::pin(s) as Pin<Box<dyn AsyncRead + Send>>);
                 let stderr = child
                     .stderr
@@ -362,12 +349,10 @@ impl Host {
                 let stdin = child
                     .stdin()
                     .take()
-                    .inspect(widen_pipe)
                     .map(|s| Box::pin(s) as Pin<Box<dyn AsyncWrite + Send>>);
                 let stdout = child
                     .stdout()
                     .take()
-                    .inspect(widen_pipe)
                     .map(|s| Box::pin(s) as Pin<Box<dyn AsyncRead + Send>>);
                 let stderr = child
                     .stderr()
