@@ -345,7 +345,7 @@ fn copy_hashing(
 
 /// Reads `input`, decompressing it if `compressed`, into buffers taken from `empty` and
 /// handed over through `full`.
-fn decompress(
+fn read_ahead(
     input: impl Read,
     compressed: bool,
     full: std::sync::mpsc::SyncSender<io::Result<(Vec<u8>, usize)>>,
@@ -376,7 +376,7 @@ fn decompress(
     }
 }
 
-/// The reading end of `decompress`.
+/// The reading end of `read_ahead`.
 struct ChannelReader {
     full: std::sync::mpsc::Receiver<io::Result<(Vec<u8>, usize)>>,
     empty: std::sync::mpsc::Sender<Vec<u8>>,
@@ -664,7 +664,7 @@ impl<'p> Receiver<'p> {
                 let _ = empty_tx.send(vec![0u8; 256 * 1024]);
             }
             let compressed = self.compressed;
-            scope.spawn(move || decompress(counting, compressed, full_tx, empty_rx));
+            scope.spawn(move || read_ahead(counting, compressed, full_tx, empty_rx));
             let reader = ChannelReader {
                 full: full_rx,
                 empty: empty_tx,
