@@ -278,7 +278,7 @@ async fn held_files(cx: &mut Cx, hold: &Path) -> Result<Vec<[u8; 32]>> {
             .entries
             .iter()
             .filter(|e| e.kind == Kind::File)
-            .map(|e| e.hash.unwrap_or_default())
+            .map(|e| e.digest().unwrap_or_default())
             .collect();
         hashes.sort_unstable();
         hashes

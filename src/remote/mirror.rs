@@ -475,7 +475,7 @@ fn fill_hashes(m: &mut Manifest, hashes: Hashes) {
         .collect();
     for e in &mut m.entries {
         if let Some(d) = map.get(&e.path) {
-            e.hash = Some(*d);
+            e.hash = Some(Box::new(*d));
         }
     }
 }

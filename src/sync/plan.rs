@@ -108,7 +108,7 @@ fn content_same(s: &Entry, d: &Entry, checksum: bool) -> bool {
         return false;
     }
     if checksum {
-        matches!((s.hash, d.hash), (Some(a), Some(b)) if a == b)
+        matches!((&s.hash, &d.hash), (Some(a), Some(b)) if a == b)
     } else {
         s.meta.same_mtime(&d.meta)
     }
@@ -224,7 +224,7 @@ pub fn build(src: &Manifest, dest: &Manifest, opts: &PlanOptions) -> Result<Plan
     // Content already in DEST, by hash, for rename detection.
     let mut dest_by_hash: HashMap<Digest, Vec<&Entry>> = HashMap::new();
     for d in dest.entries.iter().filter(|d| d.kind == Kind::File) {
-        if let Some(h) = d.hash {
+        if let Some(h) = d.digest() {
             dest_by_hash.entry(h).or_default().push(d);
         }
     }
@@ -330,7 +330,7 @@ pub fn build(src: &Manifest, dest: &Manifest, opts: &PlanOptions) -> Result<Plan
             None => {
                 let primary = members[0];
                 let found = primary
-                    .hash
+                    .digest()
                     .and_then(|h| dest_by_hash.get(&h))
                     .and_then(|cands| {
                         let cands: Vec<&&Entry> =
@@ -341,7 +341,7 @@ pub fn build(src: &Manifest, dest: &Manifest, opts: &PlanOptions) -> Result<Plan
                             .map(|c| (**c, ReuseMode::Link))
                             .or_else(|| cands.first().map(|c| (**c, ReuseMode::Copy)))
                     });
-                match (found, primary.hash) {
+                match (found, primary.digest()) {
                     (Some((c, mode)), Some(digest)) => {
                         if mode == ReuseMode::Link {
                             link_used.insert(&c.path);
@@ -469,7 +469,7 @@ pub(crate) mod tests {
     pub(crate) fn with_hashes(m: &mut Manifest, paths: &[Vec<u8>]) {
         for e in &mut m.entries {
             if paths.contains(&e.path) {
-                e.hash = Some([e.size as u8; 32]);
+                e.hash = Some(Box::new([e.size as u8; 32]));
             }
         }
     }

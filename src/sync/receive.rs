@@ -91,7 +91,7 @@ struct Owners {
 /// This host's id for `name` (looked up once), else the sender's number, reported once.
 fn local_id(
     known: &mut HashMap<String, Option<u32>>,
-    name: Option<&String>,
+    name: Option<&str>,
     sender_id: u32,
     kind: &str,
     resolve: impl FnOnce(&str) -> Option<u32>,
@@ -101,7 +101,10 @@ fn local_id(
     let Some(name) = name else {
         return sender_id;
     };
-    let found = *known.entry(name.clone()).or_insert_with(|| resolve(name));
+    let found = match known.get(name) {
+        Some(found) => *found,
+        None => *known.entry(name.to_string()).or_insert(resolve(name)),
+    };
     found.unwrap_or_else(|| {
         if warned.insert(format!("{kind}:{name}")) {
             warnings.push(format!(
@@ -116,7 +119,7 @@ impl Owners {
     fn ids(&mut self, meta: &Meta) -> (u32, u32) {
         let uid = local_id(
             &mut self.users,
-            meta.user.as_ref(),
+            meta.user.as_deref(),
             meta.uid,
             "user",
             |n| User::from_name(n).ok().flatten().map(|u| u.uid.as_raw()),
@@ -125,7 +128,7 @@ impl Owners {
         );
         let gid = local_id(
             &mut self.groups,
-            meta.group.as_ref(),
+            meta.group.as_deref(),
             meta.gid,
             "group",
             |n| Group::from_name(n).ok().flatten().map(|g| g.gid.as_raw()),

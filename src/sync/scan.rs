@@ -8,7 +8,7 @@
 use crate::sync::beneath::Tree;
 use crate::sync::filter::Excludes;
 use crate::sync::hash_cache::{HashCache, Stamp};
-use crate::sync::manifest::{Digest, Entry, Kind, Manifest, Meta, Skipped, TEMP_PREFIX};
+use crate::sync::manifest::{Digest, Entry, Kind, Manifest, Meta, Name, Skipped, TEMP_PREFIX};
 use anyhow::{bail, Context, Result};
 use nix::dir::Dir;
 use nix::errno::Errno;
@@ -35,31 +35,31 @@ pub struct ScanOptions {
 /// Resolves uids and gids to names once per id.
 #[derive(Default)]
 pub struct Names {
-    users: HashMap<u32, Option<String>>,
-    groups: HashMap<u32, Option<String>>,
+    users: HashMap<u32, Option<Name>>,
+    groups: HashMap<u32, Option<Name>>,
 }
 
 impl Names {
-    pub fn user(&mut self, uid: u32) -> Option<String> {
+    pub fn user(&mut self, uid: u32) -> Option<Name> {
         self.users
             .entry(uid)
             .or_insert_with(|| {
                 User::from_uid(Uid::from_raw(uid))
                     .ok()
                     .flatten()
-                    .map(|u| u.name)
+                    .map(|u| Name::from(u.name))
             })
             .clone()
     }
 
-    pub fn group(&mut self, gid: u32) -> Option<String> {
+    pub fn group(&mut self, gid: u32) -> Option<Name> {
         self.groups
             .entry(gid)
             .or_insert_with(|| {
                 Group::from_gid(Gid::from_raw(gid))
                     .ok()
                     .flatten()
-                    .map(|g| g.name)
+                    .map(|g| Name::from(g.name))
             })
             .clone()
     }
@@ -262,7 +262,7 @@ impl Walk<'_> {
             ino: st.st_ino,
             nlink: st.st_nlink,
             target,
-            hash,
+            hash: hash.map(Box::new),
         });
     }
 }

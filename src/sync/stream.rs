@@ -10,7 +10,7 @@
 //! it was cut short. This module only encodes and decodes; it touches no file system.
 
 use crate::sync::hash_cache::{hex, parse_hex_digest};
-use crate::sync::manifest::{Digest, Kind, Meta};
+use crate::sync::manifest::{Digest, Kind, Meta, Name};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
@@ -147,7 +147,7 @@ impl<W: Write> StreamWriter<W> {
         }
         for (key, name) in [("uname", &meta.user), ("gname", &meta.group)] {
             if let Some(name) = name {
-                pax.push((key.into(), name.clone().into_bytes()));
+                pax.push((key.into(), name.as_bytes().to_vec()));
             }
         }
         if let Some(u) = &meta.user {
@@ -342,8 +342,8 @@ fn parse_member<R: Read>(entry: &tar::Entry<'_, R>, records: &[u8]) -> Result<Me
             b"uid" => uid = number(value, "uid")?,
             b"gid" => gid = number(value, "gid")?,
             b"mtime" => mtime = parse_pax_time(value),
-            b"uname" => user = Some(String::from_utf8_lossy(value).into_owned()),
-            b"gname" => group = Some(String::from_utf8_lossy(value).into_owned()),
+            b"uname" => user = Some(Name::shared(&String::from_utf8_lossy(value))),
+            b"gname" => group = Some(Name::shared(&String::from_utf8_lossy(value))),
             // The raw archive walks members by their header size; a PAX size would make
             // this reader and `tar` see different archives.
             b"size" => bail!("PAX size records are not used by relaymove; refused"),

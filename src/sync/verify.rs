@@ -65,7 +65,7 @@ pub fn compare(src: &Manifest, dest: &Manifest, content: Content) -> Vec<Differe
             if s.size != d.size {
                 diff(&s.path, format!("size {} here, {} there", s.size, d.size));
             } else if content == Content::Hashes {
-                match (s.hash, d.hash) {
+                match (&s.hash, &d.hash) {
                     (Some(a), Some(b)) if a == b => {}
                     (Some(_), Some(_)) => diff(&s.path, "content differs (SHA-256)".into()),
                     _ => diff(&s.path, "content could not be hashed on both sides".into()),
@@ -90,12 +90,12 @@ pub fn compare(src: &Manifest, dest: &Manifest, content: Content) -> Vec<Differe
                     "{}:{}",
                     e.meta
                         .user
-                        .clone()
-                        .unwrap_or_else(|| e.meta.uid.to_string()),
+                        .as_deref()
+                        .map_or_else(|| e.meta.uid.to_string(), str::to_string),
                     e.meta
                         .group
-                        .clone()
-                        .unwrap_or_else(|| e.meta.gid.to_string())
+                        .as_deref()
+                        .map_or_else(|| e.meta.gid.to_string(), str::to_string)
                 )
             };
             diff(&s.path, format!("owner {} here, {} there", who(s), who(d)));
@@ -157,7 +157,7 @@ mod tests {
             ino,
             nlink,
             target: None,
-            hash: Some([hash; 32]),
+            hash: Some(Box::new([hash; 32])),
         }
     }
 
@@ -190,7 +190,7 @@ mod tests {
     #[test]
     fn every_kind_of_broken_copy_is_found() {
         let mut other = tree();
-        other[0].hash = Some([9; 32]); // a flipped byte
+        other[0].hash = Some(Box::new([9; 32])); // a flipped byte
         other[1].ino = 99; // the hard link became a copy
         other[2].meta.user = Some("root".into()); // wrong owner
         other[2].meta.mtime += 1;
