@@ -176,9 +176,13 @@ pattern=' relaymove-direct-[0-9a-f]{32}$'
 if file "$ak" && grep -Eq -- "$pattern" "$ak"; then
   size=$(grep -E -- "$pattern" "$ak" | wc -c)
   if [ "$mode" = remove ]; then
-    t=$(mktemp "$ak.relaymove.XXXXXX") || exit 1
-    grep -Ev -- "$pattern" "$ak" > "$t"
-    chown --reference="$ak" -- "$t" && chmod --reference="$ak" -- "$t" && mv -f -- "$t" "$ak" || { rm -f -- "$t"; exit 1; }
+    # Under the lock on ~/.ssh that agents take to add or remove their line, so neither
+    # rewrite loses the other's.
+    { flock -w 30 8 || exit 1
+      t=$(mktemp "$ak.relaymove.XXXXXX") || exit 1
+      grep -Ev -- "$pattern" "$ak" > "$t"
+      chown --reference="$ak" -- "$t" && chmod --reference="$ak" -- "$t" && mv -f -- "$t" "$ak" || { rm -f -- "$t"; exit 1; }
+    } 8<"${ak%/*}"
   fi
   printf 'remove\tauthorized-key\t%s\t%s\n' "$size" "$ak"
 fi
@@ -526,6 +530,33 @@ mod tests {
             );
             assert_eq!(home.run("remove", xdg), (0, vec![], String::new()));
         }
+    }
+
+    #[test]
+    fn key_lines_are_removed_under_the_agents_lock_on_the_ssh_directory() {
+        let home = Home::new();
+        let keys = home.file(
+            ".ssh/authorized_keys",
+            format!("ssh-ed25519 MINE me\nrestrict ssh-ed25519 AAAA relaymove-direct-{HASH}\n")
+                .as_bytes(),
+        );
+        // What an agent adding or removing its line holds (remote::direct).
+        let dir = std::fs::File::open(home.path(".ssh")).unwrap();
+        let held = nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusive).unwrap();
+        std::thread::scope(|s| {
+            let cleanup = s.spawn(|| home.run("remove", false));
+            std::thread::sleep(std::time::Duration::from_millis(700));
+            assert!(
+                std::fs::read_to_string(&keys)
+                    .unwrap()
+                    .contains("relaymove-direct-"),
+                "cleanup rewrote authorized_keys while an agent held the lock"
+            );
+            drop(held);
+            let (status, _, err) = cleanup.join().unwrap();
+            assert_eq!(status, 0, "{err}");
+        });
+        assert_eq!(std::fs::read(&keys).unwrap(), b"ssh-ed25519 MINE me\n");
     }
 
     #[test]

@@ -502,7 +502,8 @@ impl KeyLine {
     }
 }
 
-/// Serializes changes to one `.ssh` directory among relaymove's agents.
+/// Serializes changes to one `.ssh` directory among relaymove's agents and `relaymove cleanup`
+/// (`remote::cleanup`, with `flock` on the same directory).
 fn lock_dir(dir: &Path) -> Result<Flock<std::fs::File>> {
     let f = std::fs::OpenOptions::new()
         .read(true)
