@@ -225,14 +225,16 @@ impl Listening {
             socket,
             line: None,
         };
-        let line =
-            format!("restrict,from=\"{from}\",command=\"'{exe}' agent accept {token}\" {key}");
-        listening.line = Some(KeyLine::add(&authorized_keys()?, line)?);
         let user = nix::unistd::User::from_uid(nix::unistd::geteuid())
             .ok()
             .flatten()
             .map(|u| u.name)
             .ok_or_else(|| anyhow!("this agent's user has no name"))?;
+        let file = authorized_keys()?;
+        check_sshd_reads(&file, &user, from)?;
+        let line =
+            format!("restrict,from=\"{from}\",command=\"'{exe}' agent accept {token}\" {key}");
+        listening.line = Some(KeyLine::add(&file, line)?);
         Ok((
             listening,
             Accepting {
@@ -340,6 +342,92 @@ fn checked_public_key(key: &str, token: &str) -> Result<String> {
         bail!("old sent a public key that is not a plain ed25519 key for this transfer; refused");
     }
     Ok(key.to_string())
+}
+
+/// Refuses a transfer whose key line sshd would not read: with an `AuthorizedKeysFile` that
+/// leaves out `~/.ssh/authorized_keys` (keys kept under `/etc/ssh`, say), old's login would
+/// fail and look like a network problem. Asks `sshd -T` for the login old will make, Match
+/// blocks included; when sshd cannot say (no sshd here, not root), old's login tells.
+fn check_sshd_reads(file: &Path, user: &str, from: IpAddr) -> Result<()> {
+    let mut spec = format!("user={user},host={from},addr={from}");
+    // Old logs in at the address the controller used, unless a transfer address differs.
+    if let Some((address, port)) = std::env::var("SSH_CONNECTION")
+        .ok()
+        .and_then(|c| serving_end(&c))
+    {
+        spec.push_str(&format!(",laddr={address},lport={port}"));
+    }
+    let Ok(out) = Command::new("/usr/sbin/sshd")
+        .args(["-T", "-C", &spec])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+    else {
+        return Ok(());
+    };
+    let config = String::from_utf8_lossy(&out.stdout);
+    let Some(files) = out
+        .status
+        .success()
+        .then(|| key_files(&config, user, file))
+        .flatten()
+    else {
+        return Ok(());
+    };
+    if files.iter().any(|f| f == file) {
+        return Ok(());
+    }
+    let read = if files.is_empty() {
+        "none".to_string()
+    } else {
+        files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    bail!(
+        "this host's sshd does not read {} when {user} logs in from {from} (its AuthorizedKeysFile: {read}), \
+         and that is where the direct route authorizes old's one-time key; nothing was changed\n\
+         hint: relay the data through the controller with --route controller (`route = \"controller\"` under \
+         [migrate]), or add .ssh/authorized_keys to AuthorizedKeysFile in sshd_config",
+        file.display()
+    )
+}
+
+/// The `authorizedkeysfile` of `sshd -T` output, expanded as sshd does: `%h` the home,
+/// `%u` the user, `%U` the uid, `%%` a percent sign, relative paths under the home. The
+/// home is that of `default`, `~/.ssh/authorized_keys`. `None` when the line is missing.
+fn key_files(config: &str, user: &str, default: &Path) -> Option<Vec<PathBuf>> {
+    let home = default.parent()?.parent()?;
+    let uid = nix::unistd::geteuid().to_string();
+    let line = config
+        .lines()
+        .find_map(|l| l.strip_prefix("authorizedkeysfile "))?;
+    let expand = |pattern: &str| {
+        let mut out = String::new();
+        let mut chars = pattern.chars();
+        while let Some(c) = chars.next() {
+            match (c, chars.clone().next()) {
+                ('%', Some('h')) => out.push_str(&home.to_string_lossy()),
+                ('%', Some('u')) => out.push_str(user),
+                ('%', Some('U')) => out.push_str(&uid),
+                ('%', Some('%')) => out.push('%'),
+                _ => {
+                    out.push(c);
+                    continue;
+                }
+            }
+            chars.next();
+        }
+        home.join(out)
+    };
+    Some(
+        line.split_whitespace()
+            .filter(|f| *f != "none")
+            .map(expand)
+            .collect(),
+    )
 }
 
 /// The agent user's `~/.ssh/authorized_keys` (sshd's default `AuthorizedKeysFile`).
@@ -773,6 +861,27 @@ mod tests {
         ] {
             assert!(checked_public_key(&bad, token).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn sshds_authorized_keys_files_are_expanded_as_sshd_does() {
+        let default = Path::new("/home/ann/.ssh/authorized_keys");
+        let uid = nix::unistd::geteuid().to_string();
+        let config = "port 22\nauthorizedkeysfile .ssh/authorized_keys %h/.ssh/authorized_keys2 /etc/ssh/keys/%u.%U 100%%\nx y\n";
+        assert_eq!(
+            key_files(config, "ann", default).unwrap(),
+            [
+                PathBuf::from("/home/ann/.ssh/authorized_keys"),
+                PathBuf::from("/home/ann/.ssh/authorized_keys2"),
+                PathBuf::from(format!("/etc/ssh/keys/ann.{uid}")),
+                PathBuf::from("/home/ann/100%"),
+            ]
+        );
+        assert_eq!(
+            key_files("authorizedkeysfile none\n", "ann", default),
+            Some(vec![])
+        );
+        assert_eq!(key_files("port 22\n", "ann", default), None);
     }
 
     #[test]

@@ -672,9 +672,18 @@ async fn transfer_direct(
         public_key: made.public_key,
         from: made.source,
     };
+    // Nothing was sent yet: the receiver's reason, with its own hint, is the whole story.
     let accepting: Accepting = call_within(receiver, &accept, Some(limit), &phase)
         .await
-        .with_context(|| phase.clone())?;
+        .map_err(|e| {
+            let e = format!("{phase}: {e:#}");
+            let hint = if e.contains("\nhint:") {
+                ""
+            } else {
+                "\nhint: relay the data through this machine with --route controller"
+            };
+            NoDirectRoute(format!("{e}{hint}"))
+        })?;
     receiver
         .send(&Request::Receive {
             root: root_bytes(to.root),
