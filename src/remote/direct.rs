@@ -4,7 +4,8 @@
 //! Per transfer, under a random token:
 //! 1. old's agent makes a one-time ed25519 key in its runtime directory (root: `/run`, a
 //!    tmpfs), root-only, and tells which of its addresses reaches new ([`make_key`]);
-//! 2. new's agent adds the public half to its user's `~/.ssh/authorized_keys` as
+//! 2. new's agent adds the public half to its user's `~/.ssh/authorized_keys` (once
+//!    `sshd -T` confirms sshd reads that file for old's login) as
 //!    `restrict,from="<old's address>",command="<agent> agent accept <token>"` and listens
 //!    on a socket in its runtime directory ([`Accepting::open`]); it answers with its SSH
 //!    host keys (those its sshd presents, and `/etc/ssh`'s), read through the controller's
