@@ -62,6 +62,7 @@ pub enum Request {
     },
     Hash {
         root: Vec<u8>,
+        #[serde(with = "crate::sync::manifest::raw_path::list")]
         paths: Vec<Vec<u8>>,
     },
     Send {
@@ -104,23 +105,15 @@ pub enum Request {
     },
     /// Run at low CPU and I/O priority (nice 10, best-effort I/O class level 7) or at
     /// normal priority from now on; answered with `Reply<()>`.
-    Priority {
-        low: bool,
-    },
+    Priority { low: bool },
     /// Free space of the file system that holds `root` (or its nearest existing ancestor).
-    Space {
-        root: Vec<u8>,
-    },
+    Space { root: Vec<u8> },
     /// Lock the tree at `root` for this agent's session (a file per tree under /run);
     /// answered with `Reply<()>`, an error naming the holder's pid when another has it.
-    LockTree {
-        root: Vec<u8>,
-    },
+    LockTree { root: Vec<u8> },
     /// Take an exclusive lock on a file of the host and hold it while the agent runs;
     /// answered with `Reply<()>`, an error naming the holder when another process has it.
-    Lock {
-        path: Vec<u8>,
-    },
+    Lock { path: Vec<u8> },
 }
 
 /// An agent's answer: the value, or the error chain as text.
@@ -215,9 +208,9 @@ impl<R: Read> Read for Bounded<R> {
     }
 }
 
-/// Longest string a frame may hold (error chains, names, keys; paths are bytes, not
-/// strings, and need no room): postcard decoding from a reader copies each string here.
-const STRING_SCRATCH: usize = 1 << 20;
+/// Longest string or path a frame may hold: postcard decoding from a reader copies each
+/// string, and each path read as bytes (`manifest::raw_path`), here.
+const SCRATCH: usize = 1 << 20;
 
 /// A frame: the length, then the body postcard-encoded straight into the compressor, so a
 /// manifest never exists uncompressed in one piece (measured: 8 MB of a 66k-entry sender's
@@ -247,7 +240,7 @@ fn decode_body<T: DeserializeOwned>(body: &[u8], limit: u64) -> Result<T> {
     let decoder =
         zstd::stream::read::Decoder::new(body).context("decompressing a protocol message")?;
     let mut bounded = Bounded::new(decoder, limit);
-    let mut scratch = vec![0u8; STRING_SCRATCH];
+    let mut scratch = vec![0u8; SCRATCH];
     let reader = io::BufReader::with_capacity(64 << 10, &mut bounded);
     let decoded = postcard::from_io((reader, &mut scratch[..])).map(|(value, _)| value);
     if bounded.over {

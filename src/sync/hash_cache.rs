@@ -6,7 +6,7 @@
 //! The cache lives in `/var/lib/relaymove/cache` for root (else `$XDG_CACHE_HOME/relaymove` or
 //! `~/.cache/relaymove`; `RELAYMOVE_CACHE_DIR` overrides), one file per tree, mode 0600.
 
-use crate::sync::manifest::Digest;
+use crate::sync::manifest::{raw_path, Digest};
 use anyhow::{Context, Result};
 use serde::de::{DeserializeSeed, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
@@ -66,7 +66,7 @@ impl Serialize for Entries<'_> {
         s.collect_seq(
             self.0
                 .iter()
-                .map(|(path, (stamp, digest))| (path, stamp, digest)),
+                .map(|(path, (stamp, digest))| (raw_path::Borrowed(path), stamp, digest)),
         )
     }
 }
@@ -90,7 +90,7 @@ impl<'de, F: FnMut(Vec<u8>, Stamp, Digest)> Visitor<'de> for EachEntry<F> {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<(), A::Error> {
-        while let Some((path, stamp, digest)) = seq.next_element()? {
+        while let Some((raw_path::Owned(path), stamp, digest)) = seq.next_element()? {
             (self.0)(path, stamp, digest);
         }
         Ok(())
@@ -101,9 +101,12 @@ impl<'de, F: FnMut(Vec<u8>, Stamp, Digest)> Visitor<'de> for EachEntry<F> {
 /// perhaps after some entries were handed out.
 fn read_entries(file: &Option<PathBuf>, each: impl FnMut(Vec<u8>, Stamp, Digest)) -> Option<()> {
     let decoder = zstd::Decoder::new(fs::File::open(file.as_ref()?).ok()?).ok()?;
-    // Only strings are copied into the scratch space, and the file has none.
-    let mut scratch = [0u8; 64];
-    let reader = postcard::de_flavors::io::io::IOReader::new(decoder, &mut scratch);
+    // Postcard reads a path byte by byte: from a buffer, not from the decompressor.
+    let decoded = io::BufReader::with_capacity(64 << 10, decoder);
+    // Each path is copied into the scratch space; a longer one makes the cache unreadable,
+    // that is empty.
+    let mut scratch = vec![0u8; 64 << 10];
+    let reader = postcard::de_flavors::io::io::IOReader::new(decoded, &mut scratch);
     EachEntry(each)
         .deserialize(&mut postcard::Deserializer::from_flavor(reader))
         .ok()
@@ -214,16 +217,25 @@ impl HashCache {
             .mode(0o600)
             .open(&tmp)
             .with_context(|| format!("writing {}", tmp.display()))?;
-        let packed = zstd::Encoder::new(f, 1).context("compressing the hash cache")?;
-        postcard::to_io(
-            &Entries(map),
-            io::BufWriter::with_capacity(64 << 10, packed),
-        )
-        .context("encoding the hash cache")?
-        .into_inner()
-        .map_err(|e| e.into_error())
-        .and_then(|packed| packed.finish())
-        .with_context(|| format!("writing {}", tmp.display()))?;
+        let written = zstd::Encoder::new(f, 1)
+            .context("compressing the hash cache")
+            .and_then(|packed| {
+                postcard::to_io(
+                    &Entries(map),
+                    io::BufWriter::with_capacity(64 << 10, packed),
+                )
+                .context("encoding the hash cache")
+            })
+            .and_then(|w| {
+                w.into_inner()
+                    .map_err(|e| e.into_error())
+                    .and_then(|packed| packed.finish())
+                    .with_context(|| format!("writing {}", tmp.display()))
+            });
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
         fs::rename(&tmp, file).with_context(|| format!("renaming to {}", file.display()))?;
         self.dirty = false;
         Ok(())

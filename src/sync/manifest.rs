@@ -30,6 +30,110 @@ impl Kind {
     }
 }
 
+/// Raw byte paths on the wire. Postcard writes a `Vec<u8>` as its length and bytes either way,
+/// but as bytes in one piece rather than as a sequence of one-byte elements (measured: the
+/// element by element decoding of two 66k-entry manifests from a stream cost 80 ms of CPU).
+/// Use with `#[serde(with = "raw_path")]`; `opt` and `list` for `Option` and `Vec` of paths.
+pub mod raw_path {
+    use serde::de::{Deserializer, Error, SeqAccess, Visitor};
+    use serde::ser::{SerializeSeq, Serializer};
+    use std::fmt;
+
+    struct BytesVisitor;
+
+    impl Visitor<'_> for BytesVisitor {
+        type Value = Vec<u8>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a path as bytes")
+        }
+
+        fn visit_bytes<E: Error>(self, bytes: &[u8]) -> Result<Vec<u8>, E> {
+            Ok(bytes.to_vec())
+        }
+    }
+
+    pub fn serialize<S: Serializer>(path: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(path)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        d.deserialize_byte_buf(BytesVisitor)
+    }
+
+    /// One path, written as [`serialize`] writes it.
+    pub struct Borrowed<'a>(pub &'a [u8]);
+
+    impl serde::Serialize for Borrowed<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_bytes(self.0)
+        }
+    }
+
+    /// One path, read as [`deserialize`] reads it.
+    pub struct Owned(pub Vec<u8>);
+
+    impl<'de> serde::Deserialize<'de> for Owned {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Owned, D::Error> {
+            d.deserialize_byte_buf(BytesVisitor).map(Owned)
+        }
+    }
+
+    pub mod opt {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(path: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+            match path {
+                Some(p) => s.serialize_some(&Borrowed(p)),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+            let path: Option<Owned> = serde::Deserialize::deserialize(d)?;
+            Ok(path.map(|p| p.0))
+        }
+    }
+
+    pub mod list {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(paths: &[Vec<u8>], s: S) -> Result<S::Ok, S::Error> {
+            let mut seq = s.serialize_seq(Some(paths.len()))?;
+            for p in paths {
+                seq.serialize_element(&Borrowed(p))?;
+            }
+            seq.end()
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<u8>>, D::Error> {
+            struct List;
+
+            impl<'de> Visitor<'de> for List {
+                type Value = Vec<Vec<u8>>;
+
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("a list of paths")
+                }
+
+                fn visit_seq<A: SeqAccess<'de>>(
+                    self,
+                    mut seq: A,
+                ) -> Result<Vec<Vec<u8>>, A::Error> {
+                    // A hostile length is not an allocation: growth follows what arrives.
+                    let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+                    while let Some(Owned(p)) = seq.next_element()? {
+                        out.push(p);
+                    }
+                    Ok(out)
+                }
+            }
+
+            d.deserialize_seq(List)
+        }
+    }
+}
+
 /// A user or group name. A tree has a handful of owners and tens of thousands of entries, so
 /// every entry shares one allocation per name: cloned by reference count, and decoded
 /// through a per-thread table (measured: two `String`s were 80 of some 470 bytes an entry).
@@ -164,6 +268,7 @@ pub fn root_setuid_bits(mode: u32, uid: u32, gid: u32) -> u32 {
 #[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct Entry {
     /// Path relative to the tree's root, as raw bytes; the root itself is empty.
+    #[serde(with = "raw_path")]
     pub path: Vec<u8>,
     pub kind: Kind,
     pub size: u64,
@@ -172,6 +277,7 @@ pub struct Entry {
     pub ino: u64,
     pub nlink: u64,
     /// Symlink target, raw bytes.
+    #[serde(with = "raw_path::opt")]
     pub target: Option<Vec<u8>>,
     /// Content hash, present when it was asked for (`--checksum`, rename candidates); boxed,
     /// as most entries have none.
@@ -196,6 +302,7 @@ impl Entry {
 /// An entry that is not mirrored, with the reason shown to the user.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Skipped {
+    #[serde(with = "raw_path")]
     pub path: Vec<u8>,
     pub reason: String,
 }
@@ -210,6 +317,7 @@ pub struct Manifest {
     /// Sockets and device files, which are not mirrored.
     pub skipped: Vec<Skipped>,
     /// Temporary files a crashed receiver left behind; the next receive removes them.
+    #[serde(with = "raw_path::list")]
     pub leftovers: Vec<Vec<u8>>,
 }
 
@@ -227,6 +335,41 @@ pub const TEMP_PREFIX: &[u8] = b".relaymove-tmp.";
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn raw_paths_travel_as_a_plain_vec_of_bytes_would() {
+        #[derive(Serialize, Deserialize, PartialEq, Debug)]
+        struct Raw {
+            #[serde(with = "raw_path")]
+            one: Vec<u8>,
+            #[serde(with = "raw_path::opt")]
+            maybe: Option<Vec<u8>>,
+            #[serde(with = "raw_path::list")]
+            many: Vec<Vec<u8>>,
+        }
+        #[derive(Serialize)]
+        struct Plain<'a> {
+            one: &'a Vec<u8>,
+            maybe: &'a Option<Vec<u8>>,
+            many: &'a Vec<Vec<u8>>,
+        }
+        let raw = Raw {
+            one: b"a\nb\xff".to_vec(),
+            maybe: Some(vec![0; 300]),
+            many: vec![Vec::new(), b"cur/x:2,S".to_vec()],
+        };
+        let wire = postcard::to_stdvec(&raw).unwrap();
+        let plain = Plain {
+            one: &raw.one,
+            maybe: &raw.maybe,
+            many: &raw.many,
+        };
+        assert_eq!(wire, postcard::to_stdvec(&plain).unwrap());
+        assert_eq!(postcard::from_bytes::<Raw>(&wire).unwrap(), raw);
+        let mut scratch = [0u8; 512];
+        let (back, _) = postcard::from_io::<Raw, _>((&wire[..], &mut scratch[..])).unwrap();
+        assert_eq!(back, raw);
+    }
 
     #[test]
     fn names_travel_as_strings_and_decode_into_one_allocation() {

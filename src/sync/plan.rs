@@ -11,7 +11,7 @@
 //! 5. `link`: further names of inodes placed by 3 or already in DEST (hard-link groups).
 //! 6. `meta`, then `dirs` deepest first: writing into a directory changes its mtime.
 
-use crate::sync::manifest::{Digest, Entry, Kind, Manifest, Meta};
+use crate::sync::manifest::{raw_path, Digest, Entry, Kind, Manifest, Meta};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -33,7 +33,9 @@ pub enum ReuseMode {
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Reuse {
+    #[serde(with = "raw_path")]
     pub from: Vec<u8>,
+    #[serde(with = "raw_path")]
     pub to: Vec<u8>,
     pub mode: ReuseMode,
     /// The receiver checks `from` still has this content before using it.
@@ -43,9 +45,11 @@ pub struct Reuse {
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct SendItem {
+    #[serde(with = "raw_path")]
     pub path: Vec<u8>,
     pub kind: Kind,
     /// For a hard-link group: the earlier member this one is a link to.
+    #[serde(with = "raw_path::opt")]
     pub link_to: Option<Vec<u8>>,
     pub size: u64,
 }
@@ -53,12 +57,15 @@ pub struct SendItem {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Link {
     /// An existing name (already in DEST, or placed earlier in this run).
+    #[serde(with = "raw_path")]
     pub from: Vec<u8>,
+    #[serde(with = "raw_path")]
     pub to: Vec<u8>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct MetaUpdate {
+    #[serde(with = "raw_path")]
     pub path: Vec<u8>,
     pub kind: Kind,
     pub meta: Meta,
@@ -75,7 +82,9 @@ pub struct PlanStats {
 #[derive(Serialize, Deserialize, Clone, Debug, Default)]
 pub struct Plan {
     pub reuse: Vec<Reuse>,
+    #[serde(with = "raw_path::list")]
     pub delete: Vec<Vec<u8>>,
+    #[serde(with = "raw_path::list")]
     pub mkdir: Vec<Vec<u8>>,
     pub send: Vec<SendItem>,
     pub link: Vec<Link>,
@@ -99,7 +108,9 @@ impl Plan {
 /// Paths whose content hashes are needed to recognise content DEST already has.
 #[derive(Serialize, Deserialize, Debug, Default, PartialEq, Eq)]
 pub struct HashRequest {
+    #[serde(with = "raw_path::list")]
     pub src: Vec<Vec<u8>>,
+    #[serde(with = "raw_path::list")]
     pub dest: Vec<Vec<u8>>,
 }
 
