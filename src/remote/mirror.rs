@@ -11,8 +11,8 @@ use crate::remote::agent::Agent;
 use crate::remote::direct::{self, Accepting, KeyMade};
 use crate::remote::endpoint::TransferAddress;
 use crate::remote::protocol::{
-    read_chunk_async, read_frame_async, DirectSend, Hashes, ReceiveEvent, Reply, Request, Space,
-    CHUNK,
+    read_chunk_async, read_frame_async, DirectSend, Hashes, ReceiveEvent, Reply, Request,
+    RequestRef, Space, CHUNK,
 };
 use crate::report::progress::Progress;
 use crate::report::size;
@@ -493,18 +493,18 @@ async fn transfer(
     let (sender, receiver) = (from.agent, to.agent);
     let (sender_label, receiver_label) = (sender.label().to_string(), receiver.label().to_string());
     receiver
-        .send(&Request::Receive {
-            root: root_bytes(to.root),
-            plan: plan.clone(),
+        .send(&RequestRef::Receive {
+            root: &root_bytes(to.root),
+            plan,
             keep_setuid: opts.keep_setuid,
             compressed: level.is_some(),
             from: None,
         })
         .await?;
     sender
-        .send(&Request::Send {
-            root: root_bytes(from.root),
-            items: plan.send.clone(),
+        .send(&RequestRef::Send {
+            root: &root_bytes(from.root),
+            items: &plan.send,
             level,
             bwlimit: opts.bwlimit,
             to: None,
@@ -685,25 +685,26 @@ async fn transfer_direct(
             NoDirectRoute(format!("{e}{hint}"))
         })?;
     receiver
-        .send(&Request::Receive {
-            root: root_bytes(to.root),
-            plan: plan.clone(),
+        .send(&RequestRef::Receive {
+            root: &root_bytes(to.root),
+            plan,
             keep_setuid: opts.keep_setuid,
             compressed: opts.level.is_some(),
-            from: Some(token.clone()),
+            from: Some(&token),
         })
         .await?;
+    let direct = DirectSend {
+        token,
+        user: accepting.user,
+        host_keys: accepting.host_keys,
+    };
     sender
-        .send(&Request::Send {
-            root: root_bytes(from.root),
-            items: plan.send.clone(),
+        .send(&RequestRef::Send {
+            root: &root_bytes(from.root),
+            items: &plan.send,
             level: opts.level,
             bwlimit: opts.bwlimit,
-            to: Some(DirectSend {
-                token,
-                user: accepting.user,
-                host_keys: accepting.host_keys,
-            }),
+            to: Some(&direct),
         })
         .await?;
     let connected = std::cell::Cell::new(false);
