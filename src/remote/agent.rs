@@ -20,7 +20,6 @@ use crate::remote::protocol::{Hello, PROTOCOL};
 use crate::remote::ssh::{connect_failure, Effective};
 use anyhow::{anyhow, bail, Context, Result};
 use openssh::{ControlPersist, KnownHosts, Session, SessionBuilder, Stdio};
-use sha2::{Digest as _, Sha256};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -458,22 +457,14 @@ impl Host {
 /// 16 MB more peak RSS on the controller).
 async fn own_digest() -> Result<String> {
     let exe = std::env::current_exe().context("finding this program's path")?;
-    let mut file = tokio::fs::File::open(&exe)
-        .await
-        .with_context(|| format!("reading {}", exe.display()))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 64 << 10];
-    loop {
-        let n = file
-            .read(&mut buf)
-            .await
-            .with_context(|| format!("reading {}", exe.display()))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(crate::sync::hash_cache::hex(&hasher.finalize()))
+    let digest = tokio::task::spawn_blocking(move || {
+        std::fs::File::open(&exe)
+            .and_then(|mut f| crate::sync::scan::hash_reader(&mut f))
+            .with_context(|| format!("reading {}", exe.display()))
+    })
+    .await
+    .context("hashing this program")??;
+    Ok(crate::sync::hash_cache::hex(&digest))
 }
 
 impl Host {
@@ -744,7 +735,7 @@ impl Agent {
     /// Sends a request and reads its one-frame answer.
     pub async fn call<T: serde::de::DeserializeOwned>(
         &mut self,
-        request: &crate::remote::protocol::Request,
+        request: &crate::remote::protocol::Request<'_>,
     ) -> Result<T> {
         self.send(request).await?;
         let reply: crate::remote::protocol::Reply<T> =
@@ -789,6 +780,7 @@ mod tests {
     //! The agent scripts run by `sh` on this host, as a user other than root (root's agent
     //! directory is the host's real `/var/lib/relaymove`): HOME is a temporary directory.
     use super::*;
+    use sha2::{Digest as _, Sha256};
     use std::os::unix::fs::PermissionsExt;
     use std::process::Output;
 

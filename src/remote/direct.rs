@@ -231,8 +231,10 @@ impl Listening {
             .flatten()
             .map(|u| u.name)
             .ok_or_else(|| anyhow!("this agent's user has no name"))?;
-        let file = authorized_keys()?;
-        check_sshd_reads(&file, &user, from)?;
+        // sshd's default `AuthorizedKeysFile`.
+        let home = agent_home()?;
+        let file = home.join(".ssh/authorized_keys");
+        check_sshd_reads(&home, &file, &user, from)?;
         let line =
             format!("restrict,from=\"{from}\",command=\"'{exe}' agent accept {token}\" {key}");
         listening.line = Some(KeyLine::add(&file, line)?);
@@ -349,7 +351,7 @@ fn checked_public_key(key: &str, token: &str) -> Result<String> {
 /// leaves out `~/.ssh/authorized_keys` (keys kept under `/etc/ssh`, say), old's login would
 /// fail and look like a network problem. Asks `sshd -T` for the login old will make, Match
 /// blocks included; when sshd cannot say (no sshd here, not root), old's login tells.
-fn check_sshd_reads(file: &Path, user: &str, from: IpAddr) -> Result<()> {
+fn check_sshd_reads(home: &Path, file: &Path, user: &str, from: IpAddr) -> Result<()> {
     let mut spec = format!("user={user},host={from},addr={from}");
     // Old logs in at the address the controller used, unless a transfer address differs.
     if let Some((address, port)) = std::env::var("SSH_CONNECTION")
@@ -370,7 +372,7 @@ fn check_sshd_reads(file: &Path, user: &str, from: IpAddr) -> Result<()> {
     let Some(files) = out
         .status
         .success()
-        .then(|| key_files(&config, user, file))
+        .then(|| key_files(&config, user, home))
         .flatten()
     else {
         return Ok(());
@@ -397,10 +399,9 @@ fn check_sshd_reads(file: &Path, user: &str, from: IpAddr) -> Result<()> {
 }
 
 /// The `authorizedkeysfile` of `sshd -T` output, expanded as sshd does: `%h` the home,
-/// `%u` the user, `%U` the uid, `%%` a percent sign, relative paths under the home. The
-/// home is that of `default`, `~/.ssh/authorized_keys`. `None` when the line is missing.
-fn key_files(config: &str, user: &str, default: &Path) -> Option<Vec<PathBuf>> {
-    let home = default.parent()?.parent()?;
+/// `%u` the user, `%U` the uid, `%%` a percent sign, relative paths under the home. `None`
+/// when the line is missing.
+fn key_files(config: &str, user: &str, home: &Path) -> Option<Vec<PathBuf>> {
     let uid = nix::unistd::geteuid().to_string();
     let line = config
         .lines()
@@ -431,10 +432,10 @@ fn key_files(config: &str, user: &str, default: &Path) -> Option<Vec<PathBuf>> {
     )
 }
 
-/// The agent user's `~/.ssh/authorized_keys` (sshd's default `AuthorizedKeysFile`).
-fn authorized_keys() -> Result<PathBuf> {
+/// The agent user's home, where its `~/.ssh/authorized_keys` is.
+fn agent_home() -> Result<PathBuf> {
     let home = std::env::var_os("HOME").context("HOME is not set")?;
-    Ok(PathBuf::from(home).join(".ssh/authorized_keys"))
+    Ok(PathBuf::from(home))
 }
 
 /// This host's SSH host public keys (`type base64`): those the sshd serving this agent
@@ -866,11 +867,11 @@ mod tests {
 
     #[test]
     fn sshds_authorized_keys_files_are_expanded_as_sshd_does() {
-        let default = Path::new("/home/ann/.ssh/authorized_keys");
+        let home = Path::new("/home/ann");
         let uid = nix::unistd::geteuid().to_string();
         let config = "port 22\nauthorizedkeysfile .ssh/authorized_keys %h/.ssh/authorized_keys2 /etc/ssh/keys/%u.%U 100%%\nx y\n";
         assert_eq!(
-            key_files(config, "ann", default).unwrap(),
+            key_files(config, "ann", home).unwrap(),
             [
                 PathBuf::from("/home/ann/.ssh/authorized_keys"),
                 PathBuf::from("/home/ann/.ssh/authorized_keys2"),
@@ -879,10 +880,10 @@ mod tests {
             ]
         );
         assert_eq!(
-            key_files("authorizedkeysfile none\n", "ann", default),
+            key_files("authorizedkeysfile none\n", "ann", home),
             Some(vec![])
         );
-        assert_eq!(key_files("port 22\n", "ann", default), None);
+        assert_eq!(key_files("port 22\n", "ann", home), None);
     }
 
     #[test]

@@ -11,8 +11,8 @@ use crate::remote::agent::Agent;
 use crate::remote::direct::{self, Accepting, KeyMade};
 use crate::remote::endpoint::TransferAddress;
 use crate::remote::protocol::{
-    read_chunk_async, read_frame_async, DirectSend, Hashes, ReceiveEvent, Reply, Request,
-    RequestRef, Space, CHUNK,
+    read_chunk_async, read_frame_async, DirectSend, Hashes, ReceiveEvent, Reply, Request, Space,
+    CHUNK,
 };
 use crate::report::progress::Progress;
 use crate::report::size;
@@ -21,6 +21,7 @@ use crate::sync::manifest::{display_path, root_setuid_bits, Digest, Kind, Manife
 use crate::sync::plan::{self, Plan, PlanOptions};
 use crate::sync::receive::ReceiveStats;
 use anyhow::{anyhow, bail, Context, Result};
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::os::unix::ffi::OsStrExt;
@@ -175,7 +176,7 @@ async fn scan_both_within(
 /// abandoned (its session can no longer be trusted to be in step).
 async fn call_within<T: serde::de::DeserializeOwned>(
     agent: &mut Agent,
-    request: &Request,
+    request: &Request<'_>,
     limit: Option<Duration>,
     phase: &str,
 ) -> Result<T> {
@@ -493,18 +494,18 @@ async fn transfer(
     let (sender, receiver) = (from.agent, to.agent);
     let (sender_label, receiver_label) = (sender.label().to_string(), receiver.label().to_string());
     receiver
-        .send(&RequestRef::Receive {
-            root: &root_bytes(to.root),
-            plan,
+        .send(&Request::Receive {
+            root: root_bytes(to.root),
+            plan: Cow::Borrowed(plan),
             keep_setuid: opts.keep_setuid,
             compressed: level.is_some(),
             from: None,
         })
         .await?;
     sender
-        .send(&RequestRef::Send {
-            root: &root_bytes(from.root),
-            items: &plan.send,
+        .send(&Request::Send {
+            root: root_bytes(from.root),
+            items: Cow::Borrowed(&plan.send),
             level,
             bwlimit: opts.bwlimit,
             to: None,
@@ -685,26 +686,25 @@ async fn transfer_direct(
             NoDirectRoute(format!("{e}{hint}"))
         })?;
     receiver
-        .send(&RequestRef::Receive {
-            root: &root_bytes(to.root),
-            plan,
+        .send(&Request::Receive {
+            root: root_bytes(to.root),
+            plan: Cow::Borrowed(plan),
             keep_setuid: opts.keep_setuid,
             compressed: opts.level.is_some(),
-            from: Some(&token),
+            from: Some(token.clone()),
         })
         .await?;
-    let direct = DirectSend {
-        token,
-        user: accepting.user,
-        host_keys: accepting.host_keys,
-    };
     sender
-        .send(&RequestRef::Send {
-            root: &root_bytes(from.root),
-            items: &plan.send,
+        .send(&Request::Send {
+            root: root_bytes(from.root),
+            items: Cow::Borrowed(&plan.send),
             level: opts.level,
             bwlimit: opts.bwlimit,
-            to: Some(&direct),
+            to: Some(DirectSend {
+                token,
+                user: accepting.user,
+                host_keys: accepting.host_keys,
+            }),
         })
         .await?;
     let connected = std::cell::Cell::new(false);

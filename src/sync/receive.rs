@@ -103,7 +103,11 @@ fn local_id(
     };
     let found = match known.get(name) {
         Some(found) => *found,
-        None => *known.entry(name.to_string()).or_insert(resolve(name)),
+        None => {
+            let found = resolve(name);
+            known.insert(name.to_string(), found);
+            found
+        }
     };
     found.unwrap_or_else(|| {
         if warned.insert(format!("{kind}:{name}")) {
