@@ -311,6 +311,7 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
         route,
         bwlimit: cmd.bwlimit,
     };
+    let agents_started = start.elapsed();
     let mirrored = tokio::select! {
         mirrored = mirror(
             Side {
@@ -369,11 +370,12 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
     let transferred = start.elapsed();
     if cmd.verbose {
         eprintln!(
-            "relaymove: time: connect {:.2}s, scan {:.2}s, plan {:.2}s (with hashing), transfer {:.2}s (of which the final sync of DEST {:.2}s)",
+            "relaymove: time: connect {:.2}s, start agents {:.2}s, scan {:.2}s, plan {:.2}s (with hashing), transfer {:.2}s (of which the final sync of DEST {:.2}s)",
             connected.as_secs_f64(),
-            (scanned - connected.min(scanned)).as_secs_f64(),
+            (agents_started - connected).as_secs_f64(),
+            scanned.as_secs_f64(),
             (planned - scanned).as_secs_f64(),
-            (transferred - planned).as_secs_f64(),
+            (transferred - agents_started - planned).as_secs_f64(),
             stats.sync_s,
         );
     }

@@ -16,7 +16,7 @@ use crate::remote::endpoint::{parse_ssh_target, RemotePath, TransferAddress};
 use crate::remote::platform::{
     mismatch, BinaryNeeds, HostLibc, HostPlatform, Mismatch, PLATFORM_PROBE,
 };
-use crate::remote::protocol::{Hello, PROTOCOL};
+use crate::remote::protocol::{widen_pipe, Hello, PROTOCOL};
 use crate::remote::ssh::{connect_failure, Effective};
 use anyhow::{anyhow, bail, Context, Result};
 use openssh::{ControlPersist, KnownHosts, Session, SessionBuilder, Stdio};
@@ -311,10 +311,12 @@ impl Host {
                 let stdin = child
                     .stdin
                     .take()
+                    .inspect(|p| widen_pipe(p))
                     .map(|s| Box::pin(s) as Pin<Box<dyn AsyncWrite + Send>>);
                 let stdout = child
                     .stdout
                     .take()
+                    .inspect(|p| widen_pipe(p))
                     .map(|s| Box::pin(s) as Pin<Box<dyn AsyncRead + Send>>);
                 let stderr = child
                     .stderr
@@ -348,10 +350,12 @@ impl Host {
                 let stdin = child
                     .stdin()
                     .take()
+                    .inspect(|p| widen_pipe(p))
                     .map(|s| Box::pin(s) as Pin<Box<dyn AsyncWrite + Send>>);
                 let stdout = child
                     .stdout()
                     .take()
+                    .inspect(|p| widen_pipe(p))
                     .map(|s| Box::pin(s) as Pin<Box<dyn AsyncRead + Send>>);
                 let stderr = child
                     .stderr()

@@ -101,6 +101,7 @@ pub struct MirrorOutcome {
     pub changes: Changes,
     /// Default (nothing written) for a dry run or an empty plan.
     pub stats: ReceiveStats,
+    /// Since the mirror began: both trees scanned, and the plan made.
     pub scanned: Duration,
     pub planned: Duration,
 }

@@ -45,6 +45,15 @@ const MAX_FRAME: u64 = MAX_DECODED / 2;
 /// Stream chunks are at most this long.
 pub const CHUNK: usize = 1 << 20;
 
+/// Makes the pipe `fd` (if it is one) hold a whole chunk instead of Linux's default 64 KiB.
+/// With 64 KiB, a chunk crossed each pipe in 16 hand-overs while the process on its other end
+/// waited: the sender, the controller's relay and the receiver took turns instead of working
+/// at once (perf trace of a local first copy: the sender blocked in write 4.2 s, the
+/// receiver's reader in read 4.2 s, of 6.6 s). Best effort: fs.pipe-max-size may refuse it.
+pub fn widen_pipe(fd: impl std::os::fd::AsFd) {
+    let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETPIPE_SZ(CHUNK as i32));
+}
+
 /// Changes whenever a message changes shape; the agent's file name pins the exact build.
 pub const PROTOCOL: u32 = 7;
 
@@ -453,6 +462,20 @@ pub async fn read_chunk_async(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_widened_pipe_holds_a_whole_chunk() {
+        let (read, write) = nix::unistd::pipe().unwrap();
+        let size = |fd| nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETPIPE_SZ).unwrap();
+        assert!(
+            (size(&read) as usize) < CHUNK,
+            "the test needs a pipe below one chunk"
+        );
+        widen_pipe(&write);
+        assert_eq!(size(&read) as usize, CHUNK);
+        // Not a pipe: nothing happens, nothing fails.
+        widen_pipe(std::fs::File::open("/dev/null").unwrap());
+    }
 
     #[test]
     fn frames_round_trip_raw_bytes() {

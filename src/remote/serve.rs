@@ -5,8 +5,8 @@
 
 use crate::remote::direct::{self, Connection, KeyFiles, Listening};
 use crate::remote::protocol::{
-    read_frame_opt, write_frame, ChunkReader, ChunkWriter, DirectSend, Hashes, Hello, ReceiveEvent,
-    Reply, Request, Space, PROTOCOL,
+    read_frame_opt, widen_pipe, write_frame, ChunkReader, ChunkWriter, DirectSend, Hashes, Hello,
+    ReceiveEvent, Reply, Request, Space, PROTOCOL,
 };
 use crate::sync::beneath::{validate, Tree};
 use crate::sync::hash_cache::{hex, HashCache};
@@ -31,6 +31,8 @@ pub fn serve() -> Result<i32> {
     // thread.
     let mut input = io::stdin();
     let stdout = io::stdout();
+    widen_pipe(&input);
+    widen_pipe(&stdout);
     write_frame(&mut stdout.lock(), &Hello { protocol: PROTOCOL })?;
     let mut held = Held::default();
     let mut direct = Direct::default();
