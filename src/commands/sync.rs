@@ -375,7 +375,7 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
             (agents_started - connected).as_secs_f64(),
             scanned.as_secs_f64(),
             (planned - scanned).as_secs_f64(),
-            (transferred - agents_started - planned).as_secs_f64(),
+            (transferred.saturating_sub(agents_started + planned)).as_secs_f64(),
             stats.sync_s,
         );
     }

@@ -311,12 +311,10 @@ impl Host {
                 let stdin = child
                     .stdin
                     .take()
-                    .inspect(|p| widen_pipe(p))
                     .map(|s| Box::pin(s) as Pin<Box<dyn AsyncWrite + Send>>);
                 let stdout = child
                     .stdout
                     .take()
-                    .inspect(|p| widen_pipe(p))
                     .map(|s| Box::pin(s) as Pin<Box<dyn AsyncRead + Send>>);
                 let stderr = child
                     .stderr
@@ -347,6 +345,7 @@ impl Host {
                     .spawn()
                     .await
                     .with_context(|| format!("starting the agent on {label}"))?;
+                // The agent widens its own ends (`serve`); these pipes lead to ssh instead.
                 let stdin = child
                     .stdin()
                     .take()
