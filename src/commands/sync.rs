@@ -3,7 +3,7 @@
 //! The phases (scan, hash, plan, stream) are `remote::mirror`; this file reads the options,
 //! starts one agent per side and renders the outcome.
 
-use crate::remote::agent::{Agent, Host, SshOptions};
+use crate::remote::agent::{own_digest, Agent, Host, SshOptions};
 use crate::remote::endpoint::{Endpoint, TransferAddress};
 use crate::remote::mirror::{mirror, MirrorOptions, MirrorOutcome, Route, Side, DEFAULT_TIMEOUT};
 use crate::remote::protocol::Request;
@@ -245,8 +245,19 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
     // From here on Ctrl-C and SIGTERM no longer end the process at once: the sync closes
     // what it opened first.
     let mut interrupt = Box::pin(interrupted());
+    // A remote agent is named by this binary's hash: hashing it overlaps the handshakes.
+    let any_remote =
+        matches!(src_ep, Endpoint::Remote(_)) || matches!(dest_ep, Endpoint::Remote(_));
+    let hashed = async {
+        if any_remote {
+            // An error here comes back, with its context, when the agent is started.
+            let _ = own_digest().await;
+        }
+    };
     let (src_conn, dest_conn) = tokio::select! {
-        conns = async { tokio::join!(connect(&src_ep, &ssh), connect(&dest_ep, &ssh)) } => conns,
+        (src_conn, dest_conn, ()) = async {
+            tokio::join!(connect(&src_ep, &ssh), connect(&dest_ep, &ssh), hashed)
+        } => (src_conn, dest_conn),
         // A master half started ends by itself (ControlPersist).
         how = &mut interrupt => return Ok(stopped(how)),
     };

@@ -513,13 +513,14 @@ impl<'p> Receiver<'p> {
         let wire = Arc::new(AtomicU64::new(0));
         let result = self.receive_stream(input, wire.clone(), progress);
         self.stats.wire_bytes = wire.load(Ordering::Relaxed);
-        // Whatever happened to the stream, make what was placed durable before reporting.
+        let finished = result
+            .and_then(|()| self.links())
+            .and_then(|()| self.metadata());
+        // One sync covers both outcomes: on failure, what was already placed is made durable
+        // before the error is reported, and the first error is the one reported.
         let synced = self.sync();
-        result?;
+        finished?;
         synced?;
-        self.links()?;
-        self.metadata()?;
-        self.sync()?;
         self.remember_hashes();
         self.stats.warnings.append(&mut self.owners.warnings);
         self.stats.verified = true;
