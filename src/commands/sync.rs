@@ -7,7 +7,9 @@ use crate::remote::agent::{own_digest, Agent, Host, SshOptions};
 use crate::remote::endpoint::{Endpoint, TransferAddress};
 use crate::remote::mirror::{mirror, MirrorOptions, MirrorOutcome, Route, Side, DEFAULT_TIMEOUT};
 use crate::remote::protocol::Request;
+use crate::report::size;
 use crate::report::sync_report::{listing, summary, RunFacts, SyncReport};
+use crate::sync::compress::Compression;
 use crate::sync::manifest::display_path;
 use anyhow::{anyhow, Context, Result};
 use clap::Args;
@@ -64,7 +66,8 @@ pub struct SyncCmd {
     /// No progress display.
     #[arg(long)]
     pub no_progress: bool,
-    /// zstd level for the stream (negative = faster, larger). Default: 1 over SSH; between two
+    /// zstd level for the whole stream (negative = faster, larger). Default over SSH: from
+    /// level 1, the level that moves the most data on this link (-50 to 6); between two
     /// local trees the stream is not compressed (only with --tee-stream, at -1).
     #[arg(long, allow_hyphen_values = true, value_parser = clap::value_parser!(i32).range(-7..=19))]
     pub compress_level: Option<i32>,
@@ -264,11 +267,13 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
     let (src, src_root) = src_conn?;
     let (dest, dest_root) = dest_conn?;
     // Between two local trees compressing only costs CPU, except for the --tee-stream copy.
-    let level = match (cmd.compress_level, &src_ep, &dest_ep) {
-        (Some(level), _, _) => Some(level),
-        (None, Endpoint::Local(_), Endpoint::Local(_)) if cmd.tee_stream.is_none() => None,
-        (None, Endpoint::Local(_), Endpoint::Local(_)) => Some(-1),
-        (None, _, _) => Some(1),
+    let compression = match (cmd.compress_level, &src_ep, &dest_ep) {
+        (Some(level), _, _) => Compression::Level(level),
+        (None, Endpoint::Local(_), Endpoint::Local(_)) if cmd.tee_stream.is_none() => {
+            Compression::None
+        }
+        (None, Endpoint::Local(_), Endpoint::Local(_)) => Compression::Level(-1),
+        (None, _, _) => Compression::Adaptive,
     };
 
     let connected = start.elapsed();
@@ -314,7 +319,7 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
         excludes: cmd.exclude.clone(),
         allow_empty_source: cmd.allow_empty_source,
         dry_run: cmd.dry_run,
-        level,
+        compression,
         tee_stream: cmd.tee_stream.clone(),
         progress: !cmd.quiet && !cmd.no_progress,
         timeout: Duration::from_secs(cmd.timeout),
@@ -389,6 +394,17 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
             (transferred.saturating_sub(agents_started + planned)).as_secs_f64(),
             stats.sync_s,
         );
+        if !stats.zstd_levels.is_empty() {
+            let levels: Vec<String> = stats
+                .zstd_levels
+                .iter()
+                .map(|(level, bytes)| format!("{level}: {}", size(*bytes)))
+                .collect();
+            eprintln!(
+                "relaymove: stream: zstd level adapted to the link, data taken at each level: {}",
+                levels.join(", ")
+            );
+        }
     }
     let run = RunFacts {
         dry_run: cmd.dry_run,

@@ -203,7 +203,6 @@ async fn sync_back(cx: &mut Cx) -> Result<Value> {
     let mail_root = cx.profile.mailboxes().to_path_buf();
     let opts = MirrorOptions {
         delete: true,
-        level: Some(1),
         progress: cx.options.progress && !cx.out.json(),
         route: cx.route(false).await,
         ..MirrorOptions::default()

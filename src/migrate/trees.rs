@@ -52,7 +52,6 @@ async fn options(cx: &Cx, step: StepId, excludes: Vec<String>) -> MirrorOptions 
         excludes,
         allow_empty_source: false,
         dry_run: false,
-        level: Some(1),
         tee_stream: None,
         progress: cx.options.progress && !cx.out.json(),
         ..MirrorOptions::default()

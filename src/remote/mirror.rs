@@ -17,6 +17,7 @@ use crate::remote::protocol::{
 use crate::report::progress::Progress;
 use crate::report::size;
 use crate::sync::changes::Changes;
+use crate::sync::compress::Compression;
 use crate::sync::manifest::{display_path, root_setuid_bits, Digest, Kind, Manifest, Skipped};
 use crate::sync::plan::{self, Plan, PlanOptions};
 use crate::sync::receive::ReceiveStats;
@@ -43,8 +44,8 @@ pub struct MirrorOptions {
     pub allow_empty_source: bool,
     /// Plan only.
     pub dry_run: bool,
-    /// zstd level of the stream; `None`: a plain tar (both sides on this host).
-    pub level: Option<i32>,
+    /// How the stream is compressed (`None` when both sides are on this host).
+    pub compression: Compression,
     /// Also write the stream to this file (created 0600, never over an existing file).
     pub tee_stream: Option<PathBuf>,
     /// Show a progress bar or lines on stderr while the stream flows.
@@ -82,7 +83,7 @@ impl Default for MirrorOptions {
             excludes: Vec::new(),
             allow_empty_source: false,
             dry_run: false,
-            level: Some(1),
+            compression: Compression::Adaptive,
             tee_stream: None,
             progress: false,
             timeout: DEFAULT_TIMEOUT,
@@ -491,7 +492,6 @@ async fn transfer(
     mut tee: Option<tokio::fs::File>,
     progress: &mut Progress,
 ) -> Result<ReceiveStats> {
-    let level = opts.level;
     let (sender, receiver) = (from.agent, to.agent);
     let (sender_label, receiver_label) = (sender.label().to_string(), receiver.label().to_string());
     receiver
@@ -499,7 +499,7 @@ async fn transfer(
             root: root_bytes(to.root),
             plan: Cow::Borrowed(plan),
             keep_setuid: opts.keep_setuid,
-            compressed: level.is_some(),
+            compressed: opts.compression.is_compressed(),
             from: None,
         })
         .await?;
@@ -507,7 +507,7 @@ async fn transfer(
         .send(&Request::Send {
             root: root_bytes(from.root),
             items: Cow::Borrowed(&plan.send),
-            level,
+            compression: opts.compression,
             bwlimit: opts.bwlimit,
             to: None,
         })
@@ -526,7 +526,7 @@ async fn transfer(
     let active = || waiting.lock().unwrap_or_else(|e| e.into_inner()).0 = Instant::now();
     let relay = async {
         let mut buf = Vec::with_capacity(CHUNK);
-        let relayed: Result<()> = async {
+        let relayed: Result<Vec<(i32, u64)>> = async {
             loop {
                 wait_for(&sender_label, "sending the stream");
                 let more = read_chunk_async(sender_output, &mut buf)
@@ -556,7 +556,7 @@ async fn transfer(
                 file.flush().await.context("writing --tee-stream")?;
             }
             wait_for(&sender_label, "finishing the stream");
-            let sent: Reply<()> = read_frame_async(sender_output)
+            let sent: Reply<Vec<(i32, u64)>> = read_frame_async(sender_output)
                 .await
                 .with_context(|| format!("reading the sender's result from {sender_label}"))?;
             wait_for(&receiver_label, "finishing DEST (links, metadata, syncfs)");
@@ -637,11 +637,14 @@ async fn transfer(
         }
     };
     match (relayed, received) {
-        (Ok(()), Ok(stats)) => Ok(stats),
+        (Ok(levels), Ok(stats)) => Ok(ReceiveStats {
+            zstd_levels: levels,
+            ..stats
+        }),
         // The sender's failure is the cause; the receiver's message says what DEST holds.
         (Err(cause), Err(dest_state)) => Err(cause.context(format!("{dest_state:#}"))),
         (Err(cause), Ok(_)) => Err(cause),
-        (Ok(()), Err(e)) => Err(e.context(receiving_into())),
+        (Ok(_), Err(e)) => Err(e.context(receiving_into())),
     }
 }
 
@@ -691,7 +694,7 @@ async fn transfer_direct(
             root: root_bytes(to.root),
             plan: Cow::Borrowed(plan),
             keep_setuid: opts.keep_setuid,
-            compressed: opts.level.is_some(),
+            compressed: opts.compression.is_compressed(),
             from: Some(token.clone()),
         })
         .await?;
@@ -699,7 +702,7 @@ async fn transfer_direct(
         .send(&Request::Send {
             root: root_bytes(from.root),
             items: Cow::Borrowed(&plan.send),
-            level: opts.level,
+            compression: opts.compression,
             bwlimit: opts.bwlimit,
             to: Some(DirectSend {
                 token,
@@ -714,7 +717,7 @@ async fn transfer_direct(
     let receiver_output = &mut receiver.output;
     // Each is one future for the whole transfer: a frame is never dropped half read.
     let mut send = Box::pin(async {
-        match read_frame_async::<Reply<()>>(sender_output).await {
+        match read_frame_async::<Reply<Vec<(i32, u64)>>>(sender_output).await {
             Ok(r) => r.map_err(|msg| anyhow!("{msg}")),
             Err(e) => Err(e.context(format!("lost the connection to {sender_label}"))),
         }
@@ -781,10 +784,13 @@ async fn transfer_direct(
         },
     };
     match (sent, received) {
-        (Ok(()), Ok(stats)) => Ok(stats),
+        (Ok(levels), Ok(stats)) => Ok(ReceiveStats {
+            zstd_levels: levels,
+            ..stats
+        }),
         (Err(cause), Err(dest_state)) => Err(cause.context(format!("{dest_state:#}"))),
         (Err(cause), Ok(_)) => Err(cause),
-        (Ok(()), Err(e)) => Err(e.context(receiving_into())),
+        (Ok(_), Err(e)) => Err(e.context(receiving_into())),
     }
 }
 

@@ -29,6 +29,7 @@ use std::io::{self, Read, Write};
 use std::net::IpAddr;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::sync::compress::Compression;
 use crate::sync::manifest::Digest;
 use crate::sync::plan::{Plan, SendItem};
 use crate::sync::receive::{ReceiveProgress, ReceiveStats};
@@ -55,7 +56,7 @@ pub fn widen_pipe(fd: impl std::os::fd::AsFd) {
 }
 
 /// Changes whenever a message changes shape; the agent's file name pins the exact build.
-pub const PROTOCOL: u32 = 7;
+pub const PROTOCOL: u32 = 8;
 
 /// The agent's first frame: proof it started and speaks this protocol.
 #[derive(Serialize, Deserialize, Debug)]
@@ -81,9 +82,9 @@ pub enum Request<'a> {
     Send {
         root: Vec<u8>,
         items: Cow<'a, [SendItem]>,
-        /// zstd level of the stream; `None`: a plain tar (both agents on the controller's
-        /// host, where compressing would only cost CPU).
-        level: Option<i32>,
+        /// How the stream is compressed: a plain tar when both agents are on the
+        /// controller's host, where compressing would only cost CPU.
+        compression: Compression,
         /// Bytes of stream a second at most (`--bwlimit`).
         bwlimit: Option<u64>,
         /// Write the stream to new's agent directly instead of to stdout (the direct route);
@@ -96,7 +97,7 @@ pub enum Request<'a> {
         /// Keep setuid/setgid bits on root-owned files; else the receiver drops them,
         /// whatever the stream's headers say.
         keep_setuid: bool,
-        /// The stream is zstd-compressed (the sender was given a level).
+        /// The stream is zstd-compressed (the sender's compression is not `None`).
         compressed: bool,
         /// Read the stream from the connection of this direct transfer (see `DirectAccept`)
         /// instead of stdin; stdin then only cancels: any input or its end stops the wait.

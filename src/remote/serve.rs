@@ -9,6 +9,7 @@ use crate::remote::protocol::{
     ReceiveEvent, Reply, Request, Space, PROTOCOL,
 };
 use crate::sync::beneath::{validate, Tree};
+use crate::sync::compress::Compression;
 use crate::sync::hash_cache::{hex, HashCache};
 use crate::sync::manifest::Manifest;
 use crate::sync::plan::{Plan, SendItem};
@@ -53,13 +54,13 @@ pub fn serve() -> Result<i32> {
             Request::Send {
                 root,
                 items,
-                level,
+                compression,
                 bwlimit,
                 to: None,
             } => {
                 // ChunkWriter buffers a whole chunk; no BufWriter needed in between.
                 let mut chunks = ChunkWriter::new(Throttle::new(&mut out, bwlimit));
-                let sent = do_send(path(&root), &items, level, &mut chunks);
+                let sent = do_send(path(&root), &items, compression, &mut chunks);
                 // The end marker goes out even after a failure, so the stream stays in step.
                 chunks.finish()?;
                 write_frame(&mut out, &text(sent))?;
@@ -67,11 +68,11 @@ pub fn serve() -> Result<i32> {
             Request::Send {
                 root,
                 items,
-                level,
+                compression,
                 bwlimit,
                 to: Some(to),
             } => {
-                let sent = send_direct(&mut direct, path(&root), &items, level, bwlimit, &to);
+                let sent = send_direct(&mut direct, path(&root), &items, compression, bwlimit, &to);
                 write_frame(&mut out, &text(sent))?;
             }
             Request::DirectKey {
@@ -199,10 +200,10 @@ fn send_direct(
     direct: &mut Direct,
     root: &Path,
     items: &[SendItem],
-    level: Option<i32>,
+    compression: Compression,
     bwlimit: Option<u64>,
     to: &DirectSend,
-) -> Result<()> {
+) -> Result<Vec<(i32, u64)>> {
     let key = direct
         .keys
         .remove(&to.token)
@@ -210,7 +211,7 @@ fn send_direct(
     let (connection, stdin) = Connection::open(key, &to.user, &to.host_keys)?;
     let watch = connection.cancel_on(libc::STDIN_FILENO);
     let mut chunks = ChunkWriter::new(Throttle::new(stdin, bwlimit));
-    let sent = do_send(root, items, level, &mut chunks);
+    let sent = do_send(root, items, compression, &mut chunks);
     // Closing ssh's input (dropping the writer) ends the connection.
     let ended = chunks.finish().map(drop);
     if watch.end() {
@@ -218,8 +219,9 @@ fn send_direct(
     }
     // ssh's verdict comes first: it explains a broken pipe.
     connection.finish()?;
-    sent?;
-    ended.context("finishing the stream")
+    let levels = sent?;
+    ended.context("finishing the stream")?;
+    Ok(levels)
 }
 
 /// Limits what passes through it to `rate` bytes a second on average.
@@ -493,15 +495,29 @@ fn do_hash(root: &Path, paths: Vec<Vec<u8>>) -> Result<Hashes> {
     Ok(out)
 }
 
-fn do_send(root: &Path, items: &[SendItem], level: Option<i32>, out: impl Write) -> Result<()> {
+fn do_send(
+    root: &Path,
+    items: &[SendItem],
+    compression: Compression,
+    out: impl Write,
+) -> Result<Vec<(i32, u64)>> {
     let mut cache = HashCache::open(root);
     let threads = std::thread::available_parallelism()
         .map(|n| n.get() as u32)
         .unwrap_or(1)
         .min(4);
-    send(root, items, out, SendOptions { level, threads }, &mut cache)?;
+    let levels = send(
+        root,
+        items,
+        out,
+        SendOptions {
+            compression,
+            threads,
+        },
+        &mut cache,
+    )?;
     let _ = cache.save();
-    Ok(())
+    Ok(levels)
 }
 
 fn do_receive(

@@ -4,6 +4,7 @@
 
 pub mod beneath;
 pub mod changes;
+pub mod compress;
 pub mod filter;
 pub mod hash_cache;
 pub mod manifest;

@@ -63,6 +63,10 @@ pub struct ReceiveStats {
     /// Paths the sender reported gone from the live source after the scan.
     pub vanished: Vec<Skipped>,
     pub warnings: Vec<String>,
+    /// Uncompressed bytes the sender took at each zstd level of an adaptive stream (from
+    /// the sender's reply, set by the controller).
+    #[serde(default)]
+    pub zstd_levels: Vec<(i32, u64)>,
     /// Seconds spent making DEST durable.
     pub sync_s: f64,
 }

@@ -7,6 +7,7 @@
 //! makes the entries under it "vanished", never a read outside SRC.
 
 use crate::sync::beneath::Tree;
+use crate::sync::compress::{Compression, Output};
 use crate::sync::hash_cache::{hex, HashCache, Stamp};
 use crate::sync::manifest::Kind;
 use crate::sync::plan::SendItem;
@@ -28,65 +29,22 @@ const BUFFERED_MAX: u64 = 16 << 20;
 
 #[derive(Debug, Clone, Copy)]
 pub struct SendOptions {
-    /// zstd level; negative levels trade ratio for speed on fast links. `None`: a plain tar.
-    pub level: Option<i32>,
+    pub compression: Compression,
+    /// zstd workers.
     pub threads: u32,
 }
 
-/// Where the tar goes: straight out, or through zstd.
-enum Output<W: Write> {
-    Plain(W),
-    Zstd(zstd::stream::write::Encoder<'static, W>),
-}
-
-impl<W: Write> Output<W> {
-    fn new(out: W, opts: SendOptions) -> Result<Output<W>> {
-        let Some(level) = opts.level else {
-            return Ok(Output::Plain(out));
-        };
-        let mut encoder = zstd::stream::write::Encoder::new(out, level).context("starting zstd")?;
-        if opts.threads > 1 {
-            encoder
-                .multithread(opts.threads)
-                .context("starting zstd workers")?;
-        }
-        encoder.include_checksum(true)?;
-        Ok(Output::Zstd(encoder))
-    }
-
-    fn finish(self) -> Result<W> {
-        match self {
-            Output::Plain(out) => Ok(out),
-            Output::Zstd(encoder) => encoder.finish().context("finishing zstd"),
-        }
-    }
-}
-
-impl<W: Write> Write for Output<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Output::Plain(out) => out.write(buf),
-            Output::Zstd(encoder) => encoder.write(buf),
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Output::Plain(out) => out.flush(),
-            Output::Zstd(encoder) => encoder.flush(),
-        }
-    }
-}
-
+/// Sends the entries; returns, for an adaptive stream, the uncompressed bytes taken at each
+/// zstd level.
 pub fn send(
     root: &Path,
     items: &[SendItem],
     out: impl Write,
     opts: SendOptions,
     cache: &mut HashCache,
-) -> Result<()> {
+) -> Result<Vec<(i32, u64)>> {
     let mut tree = Tree::open_existing(root)?;
-    let mut stream = StreamWriter::new(Output::new(out, opts)?);
+    let mut stream = StreamWriter::new(Output::new(out, opts.compression, opts.threads)?);
     let mut names = Names::default();
     let mut vanished = Vec::new();
     // Hard-link groups: the member actually sent as a file, in case the planned one vanished.
@@ -115,9 +73,9 @@ pub fn send(
             vanished,
         })
         .context("finishing the stream")?;
-    let mut out = output.finish()?;
+    let (mut out, levels) = output.finish()?;
     out.flush()?;
-    Ok(())
+    Ok(levels)
 }
 
 /// Sends one entry; `Ok(false)` when it is gone, changed type or grew since the scan.
@@ -233,7 +191,7 @@ mod tests {
         std::thread::spawn(move || {
             let mut wire = Vec::new();
             let opts = SendOptions {
-                level: Some(1),
+                compression: Compression::Level(1),
                 threads: 1,
             };
             let r = send(
@@ -243,7 +201,7 @@ mod tests {
                 opts,
                 &mut HashCache::disabled(),
             );
-            let _ = tx.send(r.map(|()| wire));
+            let _ = tx.send(r.map(|_| wire));
         });
         let wire = rx
             .recv_timeout(Duration::from_secs(20))
