@@ -183,13 +183,20 @@ macro_rules! agent_dir_prologue {
 /// The check and the start are one command, so a sync costs one round trip for it.
 /// The file's name is its SHA-256, checked before it was renamed into place and made
 /// durable first (`AGENT_INSTALL`), in a directory only its owner can change: hashing it
-/// again at each start would cost 0.06 s of every re-sync and prove nothing more.
+/// again at each start would cost 0.06 s of every re-sync and prove nothing more. A file
+/// that is not the owner's own, private regular file (a symlink, another owner, writable by
+/// group or others) is not started but replaced, as if missing.
 const AGENT_START: &str = concat!(
     agent_dir_prologue!(),
     r#"f="$d/bin/relaymove-$1"
 if [ -e "$d" ] || [ -L "$d" ]; then safe "$d"; fi
 if [ -e "$d/bin" ] || [ -L "$d/bin" ]; then safe "$d/bin"; fi
-if [ -f "$f" ] && [ -x "$f" ]; then exec "$f" agent serve; fi
+if [ -f "$f" ] && [ ! -L "$f" ] && [ -x "$f" ]; then
+  case $(stat -c '%u %A' "$f") in
+    "$(id -u) "?????w*|"$(id -u) "????????w*) ;;
+    "$(id -u) "*) exec "$f" agent serve;;
+  esac
+fi
 exit 97
 "#
 );
@@ -923,6 +930,27 @@ mod tests {
 
     /// Installs the fake agent, then lets `spoil` change the agent directory: both scripts
     /// must then refuse (exit 96) with a message naming `named` and the fix, and not run it.
+    #[test]
+    fn an_installed_agent_others_could_change_is_replaced_not_started() {
+        let home = Home::new();
+        let (bytes, digest) = fake_agent(10);
+        let out = home.sh(AGENT_INSTALL, &digest, &bytes);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let agent = home.agent_dir().join(format!("bin/relaymove-{digest}"));
+        for mode in [0o720, 0o702] {
+            std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(mode)).unwrap();
+            let out = home.sh(AGENT_START, &digest, b"");
+            assert_eq!(out.status.code(), Some(AGENT_MISSING), "mode {mode:o}");
+            assert_eq!(text(&out.stdout), "", "mode {mode:o}");
+        }
+        let out = home.sh(AGENT_INSTALL, &digest, &bytes);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let mode = std::fs::metadata(&agent).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        let out = home.sh(AGENT_START, &digest, b"");
+        assert_eq!(text(&out.stdout), "started agent serve\n");
+    }
+
     fn assert_refused(home: &Home, spoil: &str, named: &Path) {
         let (bytes, digest) = fake_agent(10);
         let out = home.sh(AGENT_INSTALL, &digest, &bytes);
