@@ -780,7 +780,8 @@ impl Agent {
         // EPIPE and exits instead of waiting forever.
         self.output = Box::pin(tokio::io::empty());
         let label = self.process.label.clone();
-        match tokio::time::timeout(Duration::from_secs(30), self.process.finish()).await {
+        // An agent saves its hash caches as it ends: a few seconds for a million files.
+        match tokio::time::timeout(Duration::from_secs(120), self.process.finish()).await {
             Ok(r) => r,
             Err(_) => bail!("the agent on {label} did not exit"),
         }
