@@ -67,8 +67,8 @@ pub struct SyncCmd {
     #[arg(long)]
     pub no_progress: bool,
     /// zstd level for the whole stream (negative = faster, larger). Default over SSH: from
-    /// level 1, the level that moves the most data on this link (-50 to 6); between two
-    /// local trees the stream is not compressed (only with --tee-stream, at -1).
+    /// level 1, the level that moves the most data on this link (-5000, nearly a copy, to 6);
+    /// between two local trees the stream is not compressed (only with --tee-stream, at -1).
     #[arg(long, allow_hyphen_values = true, value_parser = clap::value_parser!(i32).range(-7..=19))]
     pub compress_level: Option<i32>,
     /// Also write the transfer stream to FILE (zstd-compressed tar: `zstd -dc FILE | tar tv`).

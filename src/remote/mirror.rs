@@ -17,7 +17,7 @@ use crate::remote::protocol::{
 use crate::report::progress::Progress;
 use crate::report::size;
 use crate::sync::changes::Changes;
-use crate::sync::compress::Compression;
+use crate::sync::compress::{Compression, LevelsTaken};
 use crate::sync::manifest::{display_path, root_setuid_bits, Digest, Kind, Manifest, Skipped};
 use crate::sync::plan::{self, Plan, PlanOptions};
 use crate::sync::receive::ReceiveStats;
@@ -526,7 +526,7 @@ async fn transfer(
     let active = || waiting.lock().unwrap_or_else(|e| e.into_inner()).0 = Instant::now();
     let relay = async {
         let mut buf = Vec::with_capacity(CHUNK);
-        let relayed: Result<Vec<(i32, u64)>> = async {
+        let relayed: Result<LevelsTaken> = async {
             loop {
                 wait_for(&sender_label, "sending the stream");
                 let more = read_chunk_async(sender_output, &mut buf)
@@ -556,7 +556,7 @@ async fn transfer(
                 file.flush().await.context("writing --tee-stream")?;
             }
             wait_for(&sender_label, "finishing the stream");
-            let sent: Reply<Vec<(i32, u64)>> = read_frame_async(sender_output)
+            let sent: Reply<LevelsTaken> = read_frame_async(sender_output)
                 .await
                 .with_context(|| format!("reading the sender's result from {sender_label}"))?;
             wait_for(&receiver_label, "finishing DEST (links, metadata, syncfs)");
@@ -717,7 +717,7 @@ async fn transfer_direct(
     let receiver_output = &mut receiver.output;
     // Each is one future for the whole transfer: a frame is never dropped half read.
     let mut send = Box::pin(async {
-        match read_frame_async::<Reply<Vec<(i32, u64)>>>(sender_output).await {
+        match read_frame_async::<Reply<LevelsTaken>>(sender_output).await {
             Ok(r) => r.map_err(|msg| anyhow!("{msg}")),
             Err(e) => Err(e.context(format!("lost the connection to {sender_label}"))),
         }

@@ -9,7 +9,7 @@ use crate::remote::protocol::{
     ReceiveEvent, Reply, Request, Space, PROTOCOL,
 };
 use crate::sync::beneath::{validate, Tree};
-use crate::sync::compress::Compression;
+use crate::sync::compress::{Compression, LevelsTaken};
 use crate::sync::hash_cache::{hex, HashCache};
 use crate::sync::manifest::Manifest;
 use crate::sync::plan::{Plan, SendItem};
@@ -239,7 +239,7 @@ fn send_direct(
     bwlimit: Option<u64>,
     to: &DirectSend,
     cache: &mut HashCache,
-) -> Result<Vec<(i32, u64)>> {
+) -> Result<LevelsTaken> {
     let key = direct
         .keys
         .remove(&to.token)
@@ -533,7 +533,7 @@ fn do_send(
     compression: Compression,
     out: impl Write,
     cache: &mut HashCache,
-) -> Result<Vec<(i32, u64)>> {
+) -> Result<LevelsTaken> {
     let threads = std::thread::available_parallelism()
         .map(|n| n.get() as u32)
         .unwrap_or(1)

@@ -7,16 +7,21 @@
 //! and up carry more mail a second. The adaptive stream therefore measures what it cares
 //! about, uncompressed bytes taken a second, which back-pressure from the slowest stage
 //! (this CPU, the link, the receiver) bounds, and moves through [`LADDER`] towards the level
-//! that takes the most: like zstd's `--adapt`, but judged by throughput rather than by which
-//! side waits, since on a shared or loaded machine the receiver's CPU makes the link look
-//! slow. The level changes mid-frame (zstd's multi-threaded mode applies it from its next
-//! job), so the receiver sees one ordinary zstd stream.
+//! that takes the most. Like zstd's `--adapt` it watches whether the sender waits for its
+//! output: a sender that does not is the bottleneck and steps down at once. But waiting does
+//! not say that a dearer level would help, since a receiver short of CPU (on a shared or
+//! loaded machine) makes any link look slow: that is tried, and kept only when the stream
+//! moves clearly more. The level changes mid-frame (zstd's multi-threaded mode applies it
+//! from its next job), so the receiver sees one ordinary zstd stream.
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::io::{self, Write};
 use std::time::{Duration, Instant};
 use zstd::zstd_safe::CParameter;
+
+/// Uncompressed bytes an adaptive stream took at each zstd level, cheapest level first.
+pub type LevelsTaken = Vec<(i32, u64)>;
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
@@ -214,8 +219,8 @@ impl LevelSearch {
         to
     }
 
-    /// Uncompressed bytes taken at each level that took any, cheapest level first.
-    pub fn report(&self) -> Vec<(i32, u64)> {
+    /// The levels that took any bytes.
+    pub fn report(&self) -> LevelsTaken {
         LADDER
             .iter()
             .zip(self.taken)
@@ -263,7 +268,7 @@ impl<W: Write> Output<W> {
 
     /// Ends the stream; returns the writer and, for an adaptive stream, the bytes taken at
     /// each level.
-    pub fn finish(self) -> Result<(W, Vec<(i32, u64)>)> {
+    pub fn finish(self) -> Result<(W, LevelsTaken)> {
         match self {
             Output::Plain(out) => Ok((out, Vec::new())),
             Output::Zstd { encoder, search } => {

@@ -11,6 +11,7 @@
 //! the next run sends it again. `RELAYMOVE_DURABILITY=fsync` syncs each file before rename.
 
 use crate::sync::beneath::{remove_at, validate, Tree};
+use crate::sync::compress::LevelsTaken;
 use crate::sync::hash_cache::{HashCache, Stamp};
 use crate::sync::manifest::{
     display_path, root_setuid_bits, Digest, Kind, Meta, Skipped, TEMP_PREFIX,
@@ -66,7 +67,7 @@ pub struct ReceiveStats {
     /// Uncompressed bytes the sender took at each zstd level of an adaptive stream (from
     /// the sender's reply, set by the controller).
     #[serde(default)]
-    pub zstd_levels: Vec<(i32, u64)>,
+    pub zstd_levels: LevelsTaken,
     /// Seconds spent making DEST durable.
     pub sync_s: f64,
 }

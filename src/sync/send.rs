@@ -7,7 +7,7 @@
 //! makes the entries under it "vanished", never a read outside SRC.
 
 use crate::sync::beneath::Tree;
-use crate::sync::compress::{Compression, Output};
+use crate::sync::compress::{Compression, LevelsTaken, Output};
 use crate::sync::hash_cache::{hex, HashCache, Stamp};
 use crate::sync::manifest::Kind;
 use crate::sync::plan::SendItem;
@@ -42,7 +42,7 @@ pub fn send(
     out: impl Write,
     opts: SendOptions,
     cache: &mut HashCache,
-) -> Result<Vec<(i32, u64)>> {
+) -> Result<LevelsTaken> {
     let mut tree = Tree::open_existing(root)?;
     let mut stream = StreamWriter::new(Output::new(out, opts.compression, opts.threads)?);
     let mut names = Names::default();
