@@ -11,7 +11,6 @@ use crate::remote::protocol::{
 use crate::sync::beneath::{validate, Tree};
 use crate::sync::compress::{Compression, LevelsTaken};
 use crate::sync::hash_cache::{hex, HashCache};
-use crate::sync::manifest::Manifest;
 use crate::sync::plan::{Plan, SendItem};
 use crate::sync::receive::{Durability, Receiver};
 use crate::sync::scan::{hash_path, scan, ScanOptions};
@@ -47,8 +46,18 @@ pub fn serve() -> Result<i32> {
                 excludes,
             } => {
                 let root = path(&root);
-                let reply = do_scan(root, ScanOptions { checksum, excludes }, caches.of(root));
-                write_frame(&mut out, &text(reply))?;
+                let cache = caches.of(root);
+                let opts = ScanOptions { checksum, excludes };
+                let scanned = scan(root, &opts, cache)
+                    .with_context(|| format!("scanning {}", root.display()));
+                write_frame(&mut out, &scanned.as_ref().map_err(|e| format!("{e:#}")))?;
+                // Once the controller has its answer: the cache forgets what the tree no
+                // longer has (reading all of it, 0.05 s on a 56k-file tree).
+                if let Ok(manifest) = &scanned {
+                    let present: HashSet<&[u8]> =
+                        manifest.entries.iter().map(|e| e.path.as_slice()).collect();
+                    cache.retain(|p| present.contains(p));
+                }
             }
             Request::Hash { root, paths } => {
                 let root = path(&root);
@@ -505,14 +514,6 @@ fn space(root: &Path) -> Result<Space> {
         inodes_free: if st.files() == 0 { u64::MAX } else { inodes },
         block,
     })
-}
-
-fn do_scan(root: &Path, opts: ScanOptions, cache: &mut HashCache) -> Result<Manifest> {
-    let manifest =
-        scan(root, &opts, cache).with_context(|| format!("scanning {}", root.display()))?;
-    let present: HashSet<&[u8]> = manifest.entries.iter().map(|e| e.path.as_slice()).collect();
-    cache.retain(|p| present.contains(p));
-    Ok(manifest)
 }
 
 fn do_hash(root: &Path, paths: Vec<Vec<u8>>, cache: &mut HashCache) -> Result<Hashes> {
