@@ -539,7 +539,7 @@ fn do_send(
         .map(|n| n.get() as u32)
         .unwrap_or(1)
         .min(4);
-    let levels = send(
+    send(
         root,
         items,
         out,
@@ -548,8 +548,7 @@ fn do_send(
             threads,
         },
         cache,
-    )?;
-    Ok(levels)
+    )
 }
 
 fn do_receive(

@@ -98,6 +98,16 @@ pub struct LevelSearch {
     taken: [u64; LADDER.len()],
 }
 
+/// How many windows a try from level `from` to `to` lasts, and the share of `from`'s rate
+/// it must beat to be kept.
+fn try_terms(from: usize, to: usize) -> (u32, f64) {
+    if to < from {
+        (CHEAPER_TRY_WINDOWS, CHEAPER_TAKEN_ABOVE)
+    } else {
+        (DEARER_TRY_WINDOWS, DEARER_TAKEN_ABOVE)
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Try {
     from: usize,
@@ -169,11 +179,7 @@ impl LevelSearch {
                 self.trying = Some(t);
                 return at;
             }
-            let (windows, taken_above) = if at < t.from {
-                (CHEAPER_TRY_WINDOWS, CHEAPER_TAKEN_ABOVE)
-            } else {
-                (DEARER_TRY_WINDOWS, DEARER_TAKEN_ABOVE)
-            };
+            let (windows, taken_above) = try_terms(t.from, at);
             let tried = t.sum / windows as f64;
             if tried > t.from_rate * taken_above {
                 self.rate = Some(tried);
@@ -225,11 +231,7 @@ impl LevelSearch {
         self.trying = Some(Try {
             from,
             from_rate,
-            windows: if to < from {
-                CHEAPER_TRY_WINDOWS
-            } else {
-                DEARER_TRY_WINDOWS
-            },
+            windows: try_terms(from, to).0,
             sum: 0.0,
         });
         to
