@@ -17,7 +17,7 @@ use crate::remote::platform::{
     mismatch, BinaryNeeds, HostLibc, HostPlatform, Mismatch, PLATFORM_PROBE,
 };
 use crate::remote::protocol::{widen_pipe, Hello, PROTOCOL};
-use crate::remote::ssh::{connect_failure, Effective};
+use crate::remote::ssh::{cipher_order, connect_failure, Effective};
 use anyhow::{anyhow, bail, Context, Result};
 use openssh::{ControlPersist, KnownHosts, Session, SessionBuilder, Stdio};
 use std::io::Write;
@@ -98,6 +98,11 @@ fn ssh_config(opts: &SshOptions) -> Result<(tempfile::NamedTempFile, Option<Path
         if inc.exists() {
             text.push_str(&format!("Include \"{}\"\n", inc.display()));
         }
+    }
+    // After the includes, for every host (an included file may end inside a Host block):
+    // a cipher list the user chose comes first and wins.
+    if let Some(ciphers) = cipher_order() {
+        text.push_str(&format!("Match all\nCiphers {ciphers}\n"));
     }
     file.write_all(text.as_bytes())?;
     Ok((file, user_config))
@@ -851,6 +856,46 @@ mod tests {
 
     fn text(b: &[u8]) -> String {
         String::from_utf8_lossy(b).into_owned()
+    }
+
+    /// The ciphers `ssh -G` resolves for mail.example.org through the config relaymove
+    /// writes around `user_config`; None when no ssh client runs here (then required in CI).
+    fn resolved_ciphers(user_config: &str) -> Option<String> {
+        let dir = tempfile::tempdir().unwrap();
+        let user = dir.path().join("config");
+        std::fs::write(&user, user_config).unwrap();
+        let (config, _) = ssh_config(&SshOptions { config: Some(user) }).unwrap();
+        let out = std::process::Command::new("ssh")
+            .arg("-G")
+            .arg("-F")
+            .arg(config.path())
+            .arg("mail.example.org")
+            .output();
+        let out = match out {
+            Ok(out) => out,
+            Err(e) if std::env::var("RELAYMOVE_REQUIRE_SSH").as_deref() == Ok("1") => {
+                panic!("ssh -G: {e}")
+            }
+            Err(_) => return None,
+        };
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let said = text(&out.stdout);
+        let line = said.lines().find_map(|l| l.strip_prefix("ciphers "));
+        Some(line.expect("ssh -G prints ciphers").to_string())
+    }
+
+    #[test]
+    fn ssh_is_asked_for_aes_gcm_on_aes_hardware_unless_the_user_chose_ciphers() {
+        // The user's config ends inside a block for another host: ours still applies.
+        let Some(ours) = resolved_ciphers("Host other.example.org\n  Port 2222\n") else {
+            return;
+        };
+        match cipher_order() {
+            Some(order) => assert_eq!(ours, order),
+            None => assert!(ours.starts_with("chacha20-poly1305@openssh.com,"), "{ours}"),
+        }
+        let theirs = resolved_ciphers("Host mail.example.org\n  Ciphers aes256-ctr\n");
+        assert_eq!(theirs.as_deref(), Some("aes256-ctr"));
     }
 
     #[test]

@@ -20,6 +20,7 @@
 //! what a killed agent left (`remote::cleanup` knows these names).
 
 use crate::remote::serve::lock_dir_for;
+use crate::remote::ssh::cipher_order;
 use anyhow::{anyhow, bail, Context, Result};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
@@ -709,6 +710,9 @@ impl Connection {
             cmd.arg("-o").arg(o);
         }
         cmd.arg("-o").arg(format!("HostKeyAlias={ALIAS}"));
+        if let Some(ciphers) = cipher_order() {
+            cmd.arg("-o").arg(format!("Ciphers={ciphers}"));
+        }
         cmd.args(["-T", "-p"]).arg(peer.port().to_string());
         cmd.arg("-l").arg(user).arg("--").arg(peer.ip().to_string());
         // sshd runs the key's forced command whatever is asked; this names the purpose in logs.

@@ -1,10 +1,43 @@
-//! Why an SSH connection failed, in ssh's own words, and the next step that fits the reason.
+//! The cipher order relaymove asks ssh for, and why an SSH connection failed, in ssh's own
+//! words, with the next step that fits the reason.
 //!
 //! ssh reports a failed connection only as text on its stderr (the `openssh` crate keeps it
 //! as the error's source), so the reason is recognised from that text. Pure functions: the
 //! caller supplies the settings ssh actually used (`ssh -G`), this module builds the message.
 
 use std::path::PathBuf;
+
+/// OpenSSH's default ciphers with AES-GCM first, for a CPU with AES instructions.
+///
+/// OpenSSH lists chacha20-poly1305 first because it is fast everywhere, also without them.
+/// With them AES-GCM takes half the CPU (measured: 1 GB through ssh in 1.7 s against 3.1 s),
+/// and a first copy spends about as much CPU in ssh and sshd as in either agent (on a
+/// 2-core host the whole copy took 12% less time). The same ciphers in another order: sshd
+/// still takes the first one it allows, and a `Ciphers` line in the user's config wins.
+pub fn cipher_order() -> Option<&'static str> {
+    has_aes().then_some(
+        "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,\
+         aes128-ctr,aes192-ctr,aes256-ctr",
+    )
+}
+
+/// AES rounds and the carry-less multiply GCM needs, in hardware.
+fn has_aes() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("aes")
+            && std::arch::is_x86_feature_detected!("pclmulqdq")
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        std::arch::is_aarch64_feature_detected!("aes")
+            && std::arch::is_aarch64_feature_detected!("pmull")
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        false
+    }
+}
 
 /// What ssh used for a connection, as `ssh -G` resolves it from the command line and config.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
