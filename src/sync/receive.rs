@@ -174,7 +174,9 @@ fn mtime_spec(meta: &Meta) -> [TimeSpec; 2] {
 /// Owner, mode and mtime on an open file or directory; chown first, as it clears setuid and
 /// setgid. `created_by` is set for a file this run just created, as (uid, gid), with
 /// `meta.mode & 0o777` under a zero umask: then chown only when the owner differs, and chmod
-/// only for setuid, setgid and sticky.
+/// only for setuid, setgid and sticky. Anything else is read back first and only what differs
+/// is set: each call dirties the inode for the journal, and a Maildir rename needs none of
+/// the three, a directory whose entries changed only its mtime.
 fn apply_meta_fd(
     fd: BorrowedFd<'_>,
     meta: &Meta,
@@ -183,28 +185,51 @@ fn apply_meta_fd(
     what: &str,
 ) -> Result<()> {
     let (uid, gid) = owners.ids(meta);
-    if created_by != Some((uid, gid)) {
+    let now = match created_by {
+        Some(_) => None,
+        None => Some(
+            nix::sys::stat::fstat(fd).with_context(|| format!("reading the metadata of {what}"))?,
+        ),
+    };
+    let owned = match &now {
+        Some(st) => (st.st_uid, st.st_gid) == (uid, gid),
+        None => created_by == Some((uid, gid)),
+    };
+    if !owned {
         let r = fchown(fd, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)));
         owners.chown_result(r, what)?;
     }
     let mut mode = meta.mode;
     let root_bits = root_setuid_bits(mode, uid, gid);
     if !owners.keep_setuid && root_bits != 0 {
-        let regular = nix::sys::stat::fstat(fd)
-            .with_context(|| format!("reading the type of {what}"))?
-            .st_mode
-            & libc::S_IFMT
-            == libc::S_IFREG;
-        if regular {
+        let st_mode = match &now {
+            Some(st) => st.st_mode,
+            None => {
+                nix::sys::stat::fstat(fd)
+                    .with_context(|| format!("reading the type of {what}"))?
+                    .st_mode
+            }
+        };
+        if st_mode & libc::S_IFMT == libc::S_IFREG {
             mode &= !root_bits;
         }
     }
-    if created_by.is_none() || mode & 0o7000 != 0 {
+    // A chown above may have cleared setuid and setgid: the mode read before it is stale.
+    let mode_set = match &now {
+        Some(st) => owned && st.st_mode & 0o7777 == mode,
+        None => mode & 0o7000 == 0,
+    };
+    if !mode_set {
         fchmod(fd, Mode::from_bits_truncate(mode))
             .with_context(|| format!("setting the mode of {what}"))?;
     }
-    let [atime, mtime] = mtime_spec(meta);
-    futimens(fd, &atime, &mtime).with_context(|| format!("setting the mtime of {what}"))?;
+    let mtime_set = now.is_some_and(|st| {
+        st.st_mtime == meta.mtime && st.st_mtime_nsec == i64::from(meta.mtime_nsec)
+    });
+    if !mtime_set {
+        let [atime, mtime] = mtime_spec(meta);
+        futimens(fd, &atime, &mtime).with_context(|| format!("setting the mtime of {what}"))?;
+    }
     Ok(())
 }
 
