@@ -750,7 +750,7 @@ impl Agent {
     }
 
     /// Sends a request and reads its one-frame answer.
-    pub async fn call<T: serde::de::DeserializeOwned>(
+    pub async fn call<T: serde::de::DeserializeOwned + Send + 'static>(
         &mut self,
         request: &crate::remote::protocol::Request<'_>,
     ) -> Result<T> {

@@ -22,8 +22,8 @@ use crate::sync::manifest::{display_path, root_setuid_bits, Digest, Kind, Manife
 use crate::sync::plan::{self, Plan, PlanOptions};
 use crate::sync::receive::ReceiveStats;
 use anyhow::{anyhow, bail, Context, Result};
+use foldhash::HashMap;
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
@@ -176,7 +176,7 @@ async fn scan_both_within(
 
 /// `agent.call`, failing when the agent answers nothing for `limit`; the agent is then
 /// abandoned (its session can no longer be trusted to be in step).
-async fn call_within<T: serde::de::DeserializeOwned>(
+async fn call_within<T: serde::de::DeserializeOwned + Send + 'static>(
     agent: &mut Agent,
     request: &Request<'_>,
     limit: Option<Duration>,
@@ -374,8 +374,7 @@ fn needed(plan: &Plan, dest: &Manifest, block: u64) -> Needed {
         .saturating_add(plan.mkdir.len() as u64 * blocks(1));
     need.inodes += plan.mkdir.len() as u64;
     // Only an inode's last name frees it.
-    let deleted: std::collections::HashSet<&[u8]> =
-        plan.delete.iter().map(|p| p.as_slice()).collect();
+    let deleted: foldhash::HashSet<&[u8]> = plan.delete.iter().map(|p| p.as_slice()).collect();
     let under_deleted = |path: &[u8]| {
         let mut p = path;
         loop {

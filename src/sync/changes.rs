@@ -16,7 +16,7 @@
 use crate::sync::manifest::{Entry, Kind, Manifest, Skipped};
 use crate::sync::plan::{ancestors, meta_same, Plan, ReuseMode};
 use crate::sync::receive::ReceiveStats;
-use std::collections::{HashMap, HashSet};
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 
 /// A path given content that DEST already has: `from` is the DEST name it comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,10 +8,10 @@
 
 use crate::sync::manifest::{raw_path, Digest};
 use anyhow::{Context, Result};
+use foldhash::{HashMap, HashMapExt};
 use serde::de::{DeserializeSeed, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 use sha2::{Digest as _, Sha256};
-use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fmt;
 use std::fs;

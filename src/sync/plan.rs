@@ -13,8 +13,9 @@
 
 use crate::sync::manifest::{raw_path, Digest, Entry, Kind, Manifest, Meta};
 use anyhow::{bail, Result};
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::BTreeSet;
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PlanOptions {
