@@ -47,11 +47,7 @@ pub fn send(
     let mut stream = StreamWriter::new(Output::new(out, opts.compression, opts.threads)?);
     let mut names = Names::default();
     let mut vanished = Vec::new();
-    // Hard-link groups: the member actually sent as a file, in case the planned one vanished.
-    // Kept only for groups (measured: a copy of every path sent twice over was 14 MB of a
-    // 52 MB sender on 56k files).
-    let groups: HashSet<&[u8]> = items.iter().filter_map(|i| i.link_to.as_deref()).collect();
-    let mut sent_as: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
+    let mut groups = Groups::of(items);
     let mut buf = Vec::new();
     for item in items {
         // The controller is trusted, but a sender never reads outside its tree either.
@@ -62,8 +58,7 @@ pub fn send(
             item,
             &mut names,
             cache,
-            &mut sent_as,
-            &groups,
+            &mut groups,
             &mut buf,
         )
         .with_context(|| format!("sending {}", tree.show(&item.path)))?;
@@ -82,15 +77,39 @@ pub fn send(
     Ok(levels)
 }
 
+/// Hard-link groups, each named by its first planned member: the member actually sent as a
+/// file, in case the planned one vanished. Only groups are kept (a copy of every path sent,
+/// twice over, was 14 MB of a 52 MB sender on 56k files).
+struct Groups<'a> {
+    named: HashSet<&'a [u8]>,
+    sent_as: HashMap<&'a [u8], &'a [u8]>,
+}
+
+impl<'a> Groups<'a> {
+    fn of(items: &'a [SendItem]) -> Groups<'a> {
+        Groups {
+            named: items.iter().filter_map(|i| i.link_to.as_deref()).collect(),
+            sent_as: HashMap::new(),
+        }
+    }
+
+    /// `item` was sent as a file: the first of its group so sent is the one to link to.
+    fn sent(&mut self, item: &'a SendItem) {
+        let group = item.link_to.as_deref().unwrap_or(&item.path);
+        if self.named.contains(group) {
+            self.sent_as.entry(group).or_insert(&item.path);
+        }
+    }
+}
+
 /// Sends one entry; `Ok(false)` when it is gone, changed type or grew since the scan.
-fn send_one<W: Write>(
+fn send_one<'a, W: Write>(
     stream: &mut StreamWriter<W>,
     tree: &mut Tree,
-    item: &SendItem,
+    item: &'a SendItem,
     names: &mut Names,
     cache: &mut HashCache,
-    sent_as: &mut HashMap<Vec<u8>, Vec<u8>>,
-    groups: &HashSet<&[u8]>,
+    groups: &mut Groups<'a>,
     buf: &mut Vec<u8>,
 ) -> Result<bool> {
     match item.kind {
@@ -124,7 +143,7 @@ fn send_one<W: Write>(
         Kind::Dir => return Ok(false),
     }
     if let Some(primary) = &item.link_to {
-        if let Some(actual) = sent_as.get(primary) {
+        if let Some(actual) = groups.sent_as.get(primary.as_slice()) {
             let Some((_, _, st)) = tree.stat_if(&item.path, SFlag::S_IFREG)? else {
                 return Ok(false);
             };
@@ -166,12 +185,7 @@ fn send_one<W: Write>(
         let data = (&mut file).take(size).chain(io::repeat(0)).take(size);
         stream.file(&item.path, &meta, size, &digest, data)?;
     }
-    let group = item.link_to.as_deref().unwrap_or(&item.path);
-    if groups.contains(group) {
-        sent_as
-            .entry(group.to_vec())
-            .or_insert_with(|| item.path.clone());
-    }
+    groups.sent(item);
     Ok(true)
 }
 
