@@ -297,6 +297,29 @@ mod tests {
     }
 
     #[test]
+    fn a_hard_link_group_whose_first_member_vanished_arrives_linked_to_the_next() {
+        use std::os::unix::fs::MetadataExt;
+        let t = tempfile::tempdir().unwrap();
+        let (src, dest) = (t.path().join("src"), t.path().join("dest"));
+        fs::create_dir(&src).unwrap();
+        fs::write(src.join("a"), b"shared").unwrap();
+        fs::hard_link(src.join("a"), src.join("b")).unwrap();
+        fs::hard_link(src.join("a"), src.join("c")).unwrap();
+        fs::write(src.join("d"), b"alone").unwrap();
+
+        let stats = sync_with_change(&src, &dest, || fs::remove_file(src.join("a")).unwrap());
+
+        assert_eq!(vanished(&stats), ["a"]);
+        let (b, c) = (
+            fs::metadata(dest.join("b")).unwrap(),
+            fs::metadata(dest.join("c")).unwrap(),
+        );
+        assert_eq!((b.ino(), b.nlink()), (c.ino(), 2));
+        assert_eq!(fs::read(dest.join("c")).unwrap(), b"shared");
+        assert_eq!(fs::read(dest.join("d")).unwrap(), b"alone");
+    }
+
+    #[test]
     fn a_fifo_or_symlink_swapped_in_for_a_file_is_reported_not_read() {
         let t = tempfile::tempdir().unwrap();
         let (src, dest) = (t.path().join("src"), t.path().join("dest"));
