@@ -80,7 +80,6 @@ fn ssh_config(opts: &SshOptions) -> Result<(tempfile::NamedTempFile, Option<Path
         .prefix("relaymove-ssh")
         .tempfile()
         .context("creating a temporary ssh config")?;
-    let mut text = String::from("# written by relaymove: these first values win over the included ones\nForwardAgent no\nForwardX11 no\n");
     let user_config = match &opts.config {
         Some(p) => Some(
             std::fs::canonicalize(p)
@@ -90,22 +89,29 @@ fn ssh_config(opts: &SshOptions) -> Result<(tempfile::NamedTempFile, Option<Path
             .map(|h| PathBuf::from(h).join(".ssh/config"))
             .filter(|p| p.exists()),
     };
-    for inc in user_config
+    let includes: Vec<&Path> = user_config
         .iter()
         .map(|p| p.as_path())
         .chain([Path::new("/etc/ssh/ssh_config")])
-    {
-        if inc.exists() {
-            text.push_str(&format!("Include \"{}\"\n", inc.display()));
-        }
-    }
-    // After the includes, for every host (an included file may end inside a Host block):
-    // a cipher list the user chose comes first and wins.
-    if let Some(ciphers) = cipher_order() {
-        text.push_str(&format!("Match all\nCiphers {ciphers}\n"));
-    }
+        .filter(|p| p.exists())
+        .collect();
+    let text = config_text(&includes);
     file.write_all(text.as_bytes())?;
     Ok((file, user_config))
+}
+
+/// relaymove's settings, the `includes` in order, then the cipher order for every host.
+fn config_text(includes: &[&Path]) -> String {
+    let mut text = String::from("# written by relaymove: these first values win over the included ones\nForwardAgent no\nForwardX11 no\n");
+    for inc in includes {
+        text.push_str(&format!("Include \"{}\"\n", inc.display()));
+    }
+    // After the includes: a cipher list the user chose comes first and wins. A Host block an
+    // included file ends in does not reach past its Include (the test checks it).
+    if let Some(ciphers) = cipher_order() {
+        text.push_str(&format!("Ciphers {ciphers}\n"));
+    }
+    text
 }
 
 /// Port, host name, user and known_hosts file as ssh resolves them for `remote` (`ssh -G`
@@ -859,16 +865,18 @@ mod tests {
     }
 
     /// The ciphers `ssh -G` resolves for mail.example.org through the config relaymove
-    /// writes around `user_config`; None when no ssh client runs here (then required in CI).
+    /// writes around `user_config` alone (not this machine's /etc/ssh/ssh_config, which may
+    /// set ciphers or end in a `Host *` block of its own); None when no ssh client runs here
+    /// (then required in CI).
     fn resolved_ciphers(user_config: &str) -> Option<String> {
         let dir = tempfile::tempdir().unwrap();
-        let user = dir.path().join("config");
+        let (user, config) = (dir.path().join("user"), dir.path().join("config"));
         std::fs::write(&user, user_config).unwrap();
-        let (config, _) = ssh_config(&SshOptions { config: Some(user) }).unwrap();
+        std::fs::write(&config, config_text(&[user.as_path()])).unwrap();
         let out = std::process::Command::new("ssh")
             .arg("-G")
             .arg("-F")
-            .arg(config.path())
+            .arg(&config)
             .arg("mail.example.org")
             .output();
         let out = match out {

@@ -93,6 +93,11 @@ impl<'a> Groups<'a> {
         }
     }
 
+    /// The member of `group` sent as a file, if one was.
+    fn sent_as(&self, group: &[u8]) -> Option<&'a [u8]> {
+        self.sent_as.get(group).copied()
+    }
+
     /// `item` was sent as a file: the first of its group so sent is the one to link to.
     fn sent(&mut self, item: &'a SendItem) {
         let group = item.link_to.as_deref().unwrap_or(&item.path);
@@ -143,7 +148,7 @@ fn send_one<'a, W: Write>(
         Kind::Dir => return Ok(false),
     }
     if let Some(primary) = &item.link_to {
-        if let Some(actual) = groups.sent_as.get(primary.as_slice()) {
+        if let Some(actual) = groups.sent_as(primary) {
             let Some((_, _, st)) = tree.stat_if(&item.path, SFlag::S_IFREG)? else {
                 return Ok(false);
             };
