@@ -85,7 +85,7 @@ async fn mirror_tree(
     let line = format!(
         "{}: {} entries, {} files sent ({}), {} renamed, {} deleted{}",
         path.display(),
-        outcome.src.entries.len(),
+        c.scanned.entries(),
         s.files_written,
         size(s.bytes_written),
         c.renamed.len(),
@@ -102,13 +102,14 @@ async fn mirror_tree(
     }
     Ok(json!({
         "path": path,
-        "entries": outcome.src.entries.len(),
-        "bytes": outcome.src.entries.iter().filter(|e| e.kind == Kind::File).map(|e| e.size).sum::<u64>(),
+        "entries": c.scanned.entries(),
+        "bytes": c.scanned.bytes,
         "files_sent": s.files_written,
         "bytes_sent": s.bytes_written,
         "renamed": c.renamed.len(),
         "deleted": c.deleted.len(),
-        "skipped": outcome.src.skipped.len() + s.vanished.len(),
+        // SRC's sockets and device files, and what vanished while it was read.
+        "skipped": c.skipped.len(),
     }))
 }
 

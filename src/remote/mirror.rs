@@ -96,7 +96,6 @@ impl Default for MirrorOptions {
 
 /// What a mirror found and did.
 pub struct MirrorOutcome {
-    pub src: Manifest,
     pub plan: Plan,
     /// What the plan changes, path by path; after a run, what it changed.
     pub changes: Changes,
@@ -286,6 +285,9 @@ pub async fn mirror(
             .await
             .with_context(|| phase.clone())?;
         check_space(&needed(&plan, &dest_m, space.block), &space, &dest_what)?;
+        // The transfer needs the plan, not the trees: their manifests (on a first copy, a
+        // third of the controller's memory) go before it starts.
+        drop((src_m, dest_m));
         progress.transfer(plan.stats.files_to_send, plan.stats.bytes_to_send);
         let transferred = match (&opts.route, &opts.tee_stream) {
             (Route::Direct(to), None) => {
@@ -328,7 +330,6 @@ pub async fn mirror(
         ));
     }
     Ok(MirrorOutcome {
-        src: src_m,
         plan,
         changes,
         stats,

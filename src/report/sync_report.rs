@@ -290,6 +290,7 @@ mod tests {
                 dirs: 2,
                 symlinks: 1,
                 others: 1,
+                bytes: 4 << 20,
             },
             sent: vec![p("link"), p("new")],
             bytes_sent: 3 << 20,

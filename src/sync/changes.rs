@@ -34,6 +34,15 @@ pub struct Scanned {
     pub symlinks: u64,
     /// Fifos, sockets and device files.
     pub others: u64,
+    /// Content bytes of the regular files.
+    pub bytes: u64,
+}
+
+impl Scanned {
+    /// Everything below SRC's root.
+    pub fn entries(&self) -> u64 {
+        self.files + self.dirs + self.symlinks + self.others
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -172,7 +181,10 @@ impl Changes {
 
         for s in src.entries.iter().filter(|s| !s.path.is_empty()) {
             match s.kind {
-                Kind::File => changes.scanned.files += 1,
+                Kind::File => {
+                    changes.scanned.files += 1;
+                    changes.scanned.bytes += s.size;
+                }
                 Kind::Dir => changes.scanned.dirs += 1,
                 Kind::Symlink => changes.scanned.symlinks += 1,
                 Kind::Fifo => changes.scanned.others += 1,
@@ -318,9 +330,12 @@ mod tests {
                 files: 7,
                 dirs: 2,
                 symlinks: 1,
-                others: 1
+                others: 1,
+                // Per name: h1 and h2 are one inode.
+                bytes: 50 + 60 + 71 + 80 + 80 + 90 + 95,
             }
         );
+        assert_eq!(c.scanned.entries(), 11);
         assert_eq!(c.sent, paths(&["cur/new", "edit", "link"]));
         assert_eq!(c.bytes_sent, 60 + 71);
         assert_eq!(c.renamed, vec![moved("cur/a:2,", "cur/a:2,S")]);
