@@ -18,7 +18,9 @@ use crate::report::progress::Progress;
 use crate::report::size;
 use crate::sync::changes::Changes;
 use crate::sync::compress::{Compression, LevelsTaken};
-use crate::sync::manifest::{display_path, root_setuid_bits, Digest, Kind, Manifest, Skipped};
+use crate::sync::manifest::{
+    display_path, root_setuid_bits, Digest, Kind, Manifest, RelPath, Skipped,
+};
 use crate::sync::plan::{self, Plan, PlanOptions};
 use crate::sync::receive::ReceiveStats;
 use anyhow::{anyhow, bail, Context, Result};
@@ -339,7 +341,7 @@ pub async fn mirror(
 }
 
 /// Clears the [`root_setuid_bits`] of SRC's regular files; returns their paths.
-fn drop_root_setuid(src: &mut Manifest) -> Vec<Vec<u8>> {
+fn drop_root_setuid(src: &mut Manifest) -> Vec<RelPath> {
     let mut unset = Vec::new();
     for e in src.entries.iter_mut().filter(|e| e.kind == Kind::File) {
         let bits = root_setuid_bits(e.meta.mode, e.meta.uid, e.meta.gid);
@@ -375,7 +377,7 @@ fn needed(plan: &Plan, dest: &Manifest, block: u64) -> Needed {
         .saturating_add(plan.mkdir.len() as u64 * blocks(1));
     need.inodes += plan.mkdir.len() as u64;
     // Only an inode's last name frees it.
-    let deleted: foldhash::HashSet<&[u8]> = plan.delete.iter().map(|p| p.as_slice()).collect();
+    let deleted: foldhash::HashSet<&[u8]> = plan.delete.iter().map(|p| &p[..]).collect();
     let under_deleted = |path: &[u8]| {
         let mut p = path;
         loop {
@@ -477,7 +479,7 @@ fn fill_hashes(m: &mut Manifest, hashes: Hashes) {
         .filter_map(|(p, d)| d.map(|d| (p, d)))
         .collect();
     for e in &mut m.entries {
-        if let Some(d) = map.get(&e.path) {
+        if let Some(d) = map.get(&e.path[..]) {
             e.hash = Some(Box::new(*d));
         }
     }
@@ -830,7 +832,7 @@ mod tests {
 
     fn entry(path: &[u8], kind: Kind, size: u64, nlink: u64) -> Entry {
         Entry {
-            path: path.to_vec(),
+            path: path.into(),
             kind,
             size,
             meta: Meta {
@@ -853,9 +855,9 @@ mod tests {
     #[test]
     fn space_needed_counts_whole_blocks_and_credits_what_deletes_free() {
         let send = |path: &[u8], size, link_to: Option<&[u8]>| SendItem {
-            path: path.to_vec(),
+            path: path.into(),
             kind: Kind::File,
-            link_to: link_to.map(|l| l.to_vec()),
+            link_to: link_to.map(|l| l.into()),
             size,
         };
         let plan = Plan {
@@ -864,8 +866,8 @@ mod tests {
                 send(b"n/b", 5000, None),
                 send(b"n/c", 5000, Some(b"n/b")),
             ],
-            mkdir: vec![b"n".to_vec()],
-            delete: vec![b"old".to_vec()],
+            mkdir: vec![b"n"[..].into()],
+            delete: vec![b"old"[..].into()],
             ..Plan::default()
         };
         let dest = Manifest {

@@ -55,7 +55,7 @@ pub fn serve() -> Result<i32> {
                 // longer has (reading all of it, 0.05 s on a 56k-file tree).
                 if let Ok(manifest) = &scanned {
                     let present: HashSet<&[u8]> =
-                        manifest.entries.iter().map(|e| e.path.as_slice()).collect();
+                        manifest.entries.iter().map(|e| &e.path[..]).collect();
                     cache.retain(|p| present.contains(p));
                 }
             }

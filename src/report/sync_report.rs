@@ -4,7 +4,7 @@
 
 use crate::report::size;
 use crate::sync::changes::{Changes, Placed};
-use crate::sync::manifest::display_path;
+use crate::sync::manifest::{display_path, RelPath};
 use base64::Engine as _;
 use serde::Serialize;
 use std::io::Write;
@@ -96,7 +96,7 @@ pub struct RunFacts {
 impl SyncReport {
     /// `lists`: include every changed path (`-v`).
     pub fn new(c: &Changes, run: RunFacts, lists: bool) -> SyncReport {
-        let paths = |ps: &[Vec<u8>]| ps.iter().map(|p| JsonPath::new(p)).collect();
+        let paths = |ps: &[RelPath]| ps.iter().map(|p| JsonPath::new(p)).collect();
         let placed = |ps: &[Placed]| {
             ps.iter()
                 .map(|p| PlacedJson {
@@ -279,7 +279,7 @@ mod tests {
     use crate::sync::manifest::Skipped;
 
     fn changes() -> Changes {
-        let p = |s: &str| s.as_bytes().to_vec();
+        let p = |s: &str| RelPath::from(s.as_bytes());
         let placed = |from: &str, to: &str| Placed {
             from: p(from),
             to: p(to),

@@ -13,7 +13,7 @@
 //!
 //! Pure computation from the manifests and the plan, no I/O.
 
-use crate::sync::manifest::{Entry, Kind, Manifest, Skipped};
+use crate::sync::manifest::{Entry, Kind, Manifest, RelPath, Skipped};
 use crate::sync::plan::{ancestors, meta_same, Plan, ReuseMode};
 use crate::sync::receive::ReceiveStats;
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
@@ -21,8 +21,8 @@ use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 /// A path given content that DEST already has: `from` is the DEST name it comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Placed {
-    pub from: Vec<u8>,
-    pub to: Vec<u8>,
+    pub from: RelPath,
+    pub to: RelPath,
 }
 
 /// SRC's entries below its root, by type.
@@ -49,7 +49,7 @@ impl Scanned {
 pub struct Changes {
     pub scanned: Scanned,
     /// New or changed content in the stream: files, symlinks and fifos.
-    pub sent: Vec<Vec<u8>>,
+    pub sent: Vec<RelPath>,
     /// Content bytes of the files sent: planned, and after a run, written.
     pub bytes_sent: u64,
     /// Content DEST had under a name that this run removes or gives other content: moved,
@@ -59,37 +59,37 @@ pub struct Changes {
     pub copied: Vec<Placed>,
     /// A new hard link to `from`, a file DEST has or receives in this run.
     pub linked: Vec<Placed>,
-    pub dirs_created: Vec<Vec<u8>>,
+    pub dirs_created: Vec<RelPath>,
     /// Content as it was; only owner, group, mode or mtime set.
-    pub attrs_only: Vec<Vec<u8>>,
+    pub attrs_only: Vec<RelPath>,
     pub unchanged: u64,
     /// Not mirrored: sockets and device files, and after a run what was left behind.
     pub skipped: Vec<Skipped>,
     /// DEST entries removed, each one under a removed directory too. The old name of a
     /// renamed entry is not one.
-    pub deleted: Vec<Vec<u8>>,
+    pub deleted: Vec<RelPath>,
 }
 
 /// DEST's files that lose a name in this run, by inode: where a rename can come from.
 struct OldNames<'a> {
-    by_inode: HashMap<(u64, u64), Vec<&'a [u8]>>,
+    by_inode: HashMap<(u64, u64), Vec<&'a RelPath>>,
     taken: HashSet<&'a [u8]>,
 }
 
 impl<'a> OldNames<'a> {
     /// Takes `name`, if it is an old name of `inode`.
-    fn claim(&mut self, inode: (u64, u64), name: &[u8]) -> Option<&'a [u8]> {
+    fn claim(&mut self, inode: (u64, u64), name: &[u8]) -> Option<&'a RelPath> {
         let names = self.by_inode.get_mut(&inode)?;
-        let i = names.iter().position(|n| *n == name)?;
+        let i = names.iter().position(|n| ***n == *name)?;
         let name = names.remove(i);
         self.taken.insert(name);
         Some(name)
     }
 
     /// Takes an old name of `inode`: `preferred` if it is one, else the first.
-    fn take(&mut self, inode: (u64, u64), preferred: &[u8]) -> Option<&'a [u8]> {
+    fn take(&mut self, inode: (u64, u64), preferred: &[u8]) -> Option<&'a RelPath> {
         let names = self.by_inode.get_mut(&inode)?;
-        let i = names.iter().position(|n| *n == preferred).unwrap_or(0);
+        let i = names.iter().position(|n| ***n == *preferred).unwrap_or(0);
         let name = (i < names.len()).then(|| names.remove(i))?;
         self.taken.insert(name);
         Some(name)
@@ -99,12 +99,9 @@ impl<'a> OldNames<'a> {
 impl Changes {
     /// The account of `plan`, built from `src` and `dest`.
     pub fn of(src: &Manifest, dest: &Manifest, plan: &Plan) -> Changes {
-        let dest_by_path: HashMap<&[u8], &Entry> = dest
-            .entries
-            .iter()
-            .map(|e| (e.path.as_slice(), e))
-            .collect();
-        let removed: HashSet<&[u8]> = plan.delete.iter().map(|p| p.as_slice()).collect();
+        let dest_by_path: HashMap<&[u8], &Entry> =
+            dest.entries.iter().map(|e| (&e.path[..], e)).collect();
+        let removed: HashSet<&[u8]> = plan.delete.iter().map(|p| &p[..]).collect();
         let gone = |p: &[u8]| {
             !p.is_empty() && (removed.contains(p) || ancestors(p).any(|a| removed.contains(a)))
         };
@@ -147,15 +144,12 @@ impl Changes {
         let reused_from: HashMap<&[u8], &[u8]> = plan
             .reuse
             .iter()
-            .map(|r| (r.to.as_slice(), r.from.as_slice()))
+            .map(|r| (&r.to[..], &r.from[..]))
             .collect();
         for l in &plan.link {
             // The DEST inode behind `from`: where reused content came from, else its own.
-            let origin = reused_from
-                .get(l.from.as_slice())
-                .copied()
-                .unwrap_or(&l.from);
-            let new_name = !dest_by_path.contains_key(l.to.as_slice());
+            let origin = reused_from.get(&l.from[..]).copied().unwrap_or(&l.from);
+            let new_name = !dest_by_path.contains_key(&l.to[..]);
             match dest_inode(origin)
                 .filter(|_| new_name)
                 .and_then(|inode| old.take(inode, origin))
@@ -177,7 +171,7 @@ impl Changes {
             }
             accounted.insert(&s.path);
         }
-        let created: HashSet<&[u8]> = plan.mkdir.iter().map(|p| p.as_slice()).collect();
+        let created: HashSet<&[u8]> = plan.mkdir.iter().map(|p| &p[..]).collect();
 
         for s in src.entries.iter().filter(|s| !s.path.is_empty()) {
             match s.kind {
@@ -189,16 +183,16 @@ impl Changes {
                 Kind::Symlink => changes.scanned.symlinks += 1,
                 Kind::Fifo => changes.scanned.others += 1,
             }
-            if accounted.contains(s.path.as_slice()) {
+            if accounted.contains(&s.path[..]) {
                 continue;
             }
-            if s.kind == Kind::Dir && created.contains(s.path.as_slice()) {
+            if s.kind == Kind::Dir && created.contains(&s.path[..]) {
                 changes.dirs_created.push(s.path.clone());
                 continue;
             }
             // Placed by none of the above, the entry is in DEST already with its content;
             // the plan may still set its metadata (on this name or another of its inode).
-            match dest_by_path.get(s.path.as_slice()) {
+            match dest_by_path.get(&s.path[..]) {
                 Some(d) if d.kind == s.kind && !meta_same(s, d) => {
                     changes.attrs_only.push(s.path.clone())
                 }
@@ -210,7 +204,7 @@ impl Changes {
         changes.deleted = dest
             .entries
             .iter()
-            .filter(|d| gone(&d.path) && !old.taken.contains(d.path.as_slice()))
+            .filter(|d| gone(&d.path) && !old.taken.contains(&d.path[..]))
             .map(|d| d.path.clone())
             .collect();
         changes.sort();
@@ -221,9 +215,9 @@ impl Changes {
     /// the bytes sent are those written.
     pub fn received(&mut self, stats: &ReceiveStats) {
         let left: HashSet<&[u8]> = stats.vanished.iter().map(|s| s.path.as_slice()).collect();
-        self.sent.retain(|p| !left.contains(p.as_slice()));
+        self.sent.retain(|p| !left.contains(&p[..]));
         for placed in [&mut self.renamed, &mut self.copied, &mut self.linked] {
-            placed.retain(|p| !left.contains(p.to.as_slice()));
+            placed.retain(|p| !left.contains(&p.to[..]));
         }
         self.skipped.extend(stats.vanished.iter().cloned());
         self.bytes_sent = stats.bytes_written;
@@ -242,10 +236,10 @@ impl Changes {
     }
 }
 
-fn placed(from: &[u8], to: &[u8]) -> Placed {
+fn placed(from: &RelPath, to: &RelPath) -> Placed {
     Placed {
-        from: from.to_vec(),
-        to: to.to_vec(),
+        from: from.clone(),
+        to: to.clone(),
     }
 }
 
@@ -255,12 +249,12 @@ mod tests {
     use crate::sync::plan::tests::{entry, manifest, with_hashes};
     use crate::sync::plan::{build, hash_request, PlanOptions};
 
-    fn paths(ps: &[&str]) -> Vec<Vec<u8>> {
-        ps.iter().map(|p| p.as_bytes().to_vec()).collect()
+    fn paths(ps: &[&str]) -> Vec<RelPath> {
+        ps.iter().map(|p| RelPath::from(p.as_bytes())).collect()
     }
 
     fn moved(from: &str, to: &str) -> Placed {
-        placed(from.as_bytes(), to.as_bytes())
+        placed(&from.as_bytes().into(), &to.as_bytes().into())
     }
 
     /// The account of a mirror from `dest` to `src`, both phases of planning included.

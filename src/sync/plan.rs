@@ -11,7 +11,7 @@
 //! 5. `link`: further names of inodes placed by 3 or already in DEST (hard-link groups).
 //! 6. `meta`, then `dirs` deepest first: writing into a directory changes its mtime.
 
-use crate::sync::manifest::{raw_path, Digest, Entry, Kind, Manifest, Meta};
+use crate::sync::manifest::{raw_path, Digest, Entry, Kind, Manifest, Meta, RelPath};
 use anyhow::{bail, Result};
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use serde::{Deserialize, Serialize};
@@ -35,9 +35,9 @@ pub enum ReuseMode {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Reuse {
     #[serde(with = "raw_path")]
-    pub from: Vec<u8>,
+    pub from: RelPath,
     #[serde(with = "raw_path")]
-    pub to: Vec<u8>,
+    pub to: RelPath,
     pub mode: ReuseMode,
     /// The receiver checks `from` still has this content before using it.
     pub digest: Digest,
@@ -47,11 +47,11 @@ pub struct Reuse {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct SendItem {
     #[serde(with = "raw_path")]
-    pub path: Vec<u8>,
+    pub path: RelPath,
     pub kind: Kind,
     /// For a hard-link group: the earlier member this one is a link to.
     #[serde(with = "raw_path::opt")]
-    pub link_to: Option<Vec<u8>>,
+    pub link_to: Option<RelPath>,
     pub size: u64,
 }
 
@@ -59,15 +59,15 @@ pub struct SendItem {
 pub struct Link {
     /// An existing name (already in DEST, or placed earlier in this run).
     #[serde(with = "raw_path")]
-    pub from: Vec<u8>,
+    pub from: RelPath,
     #[serde(with = "raw_path")]
-    pub to: Vec<u8>,
+    pub to: RelPath,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct MetaUpdate {
     #[serde(with = "raw_path")]
-    pub path: Vec<u8>,
+    pub path: RelPath,
     pub kind: Kind,
     pub meta: Meta,
 }
@@ -84,9 +84,9 @@ pub struct PlanStats {
 pub struct Plan {
     pub reuse: Vec<Reuse>,
     #[serde(with = "raw_path::list")]
-    pub delete: Vec<Vec<u8>>,
+    pub delete: Vec<RelPath>,
     #[serde(with = "raw_path::list")]
-    pub mkdir: Vec<Vec<u8>>,
+    pub mkdir: Vec<RelPath>,
     pub send: Vec<SendItem>,
     pub link: Vec<Link>,
     pub meta: Vec<MetaUpdate>,
@@ -132,7 +132,7 @@ pub(crate) fn meta_same(s: &Entry, d: &Entry) -> bool {
 }
 
 fn index(m: &Manifest) -> HashMap<&[u8], &Entry> {
-    m.entries.iter().map(|e| (e.path.as_slice(), e)).collect()
+    m.entries.iter().map(|e| (&e.path[..], e)).collect()
 }
 
 fn parent(path: &[u8]) -> &[u8] {
@@ -165,7 +165,7 @@ pub fn hash_request(src: &Manifest, dest: &Manifest, opts: &PlanOptions) -> Hash
         .filter(|e| e.kind == Kind::File && e.size > 0)
     {
         let same = dest_by_path
-            .get(s.path.as_slice())
+            .get(&s.path[..])
             .is_some_and(|d| content_same(s, d, false));
         if !same {
             wanted
@@ -179,7 +179,7 @@ pub fn hash_request(src: &Manifest, dest: &Manifest, opts: &PlanOptions) -> Hash
     for d in dest.entries.iter().filter(|e| e.kind == Kind::File) {
         let key = (d.size, d.meta.mtime, d.meta.mtime_nsec);
         if wanted.contains_key(&key) {
-            req.dest.push(d.path.clone());
+            req.dest.push(d.path.to_vec());
             src_keys.insert(key);
         }
     }
@@ -203,8 +203,8 @@ pub fn build(src: &Manifest, dest: &Manifest, opts: &PlanOptions) -> Result<Plan
     let protected: HashSet<&[u8]> = src.skipped.iter().map(|s| s.path.as_slice()).collect();
     let mut doomed: HashSet<&[u8]> = HashSet::new();
     for d in dest.entries.iter().filter(|d| !d.path.is_empty()) {
-        match src_by_path.get(d.path.as_slice()) {
-            None if opts.delete && !protected.contains(d.path.as_slice()) => {
+        match src_by_path.get(&d.path[..]) {
+            None if opts.delete && !protected.contains(&d.path[..]) => {
                 doomed.insert(&d.path);
             }
             Some(s) if s.kind != d.kind => {
@@ -230,7 +230,7 @@ pub fn build(src: &Manifest, dest: &Manifest, opts: &PlanOptions) -> Result<Plan
         .filter(|p| !under_doomed(p))
         .collect();
     top.sort();
-    plan.delete = top.iter().map(|p| p.to_vec()).collect();
+    plan.delete = top.iter().map(|p| RelPath::from(*p)).collect();
     let gone = |p: &[u8]| doomed.contains(p) || ancestors(p).any(|a| doomed.contains(a));
 
     // Content already in DEST, by hash, for rename detection.
@@ -243,7 +243,7 @@ pub fn build(src: &Manifest, dest: &Manifest, opts: &PlanOptions) -> Result<Plan
     // A DEST name whose inode loses this name in the mirror can be moved instead of copied.
     let released = |d: &Entry| -> bool {
         d.nlink == 1
-            && match src_by_path.get(d.path.as_slice()) {
+            && match src_by_path.get(&d.path[..]) {
                 None => gone(&d.path),
                 Some(s) => !content_same(s, d, opts.checksum),
             }
@@ -259,9 +259,7 @@ pub fn build(src: &Manifest, dest: &Manifest, opts: &PlanOptions) -> Result<Plan
     let mut changed_dirs: BTreeSet<Vec<u8>> = BTreeSet::new();
 
     for s in &src.entries {
-        let d = dest_by_path
-            .get(s.path.as_slice())
-            .filter(|d| d.kind == s.kind);
+        let d = dest_by_path.get(&s.path[..]).filter(|d| d.kind == s.kind);
         match s.kind {
             Kind::Dir => {
                 match d {
@@ -269,10 +267,10 @@ pub fn build(src: &Manifest, dest: &Manifest, opts: &PlanOptions) -> Result<Plan
                         if !s.path.is_empty() || !dest.root_exists {
                             plan.mkdir.push(s.path.clone());
                         }
-                        changed_dirs.insert(s.path.clone());
+                        changed_dirs.insert(s.path.to_vec());
                     }
                     Some(d) if !meta_same(s, d) => {
-                        changed_dirs.insert(s.path.clone());
+                        changed_dirs.insert(s.path.to_vec());
                     }
                     Some(_) => {}
                 }
@@ -313,7 +311,7 @@ pub fn build(src: &Manifest, dest: &Manifest, opts: &PlanOptions) -> Result<Plan
         // other group claimed.
         let mut anchor: Option<(&Entry, &Entry)> = None;
         for m in &members {
-            let Some(md) = dest_by_path.get(m.path.as_slice()) else {
+            let Some(md) = dest_by_path.get(&m.path[..]) else {
                 continue;
             };
             if !content_same(m, md, opts.checksum) {
@@ -349,7 +347,7 @@ pub fn build(src: &Manifest, dest: &Manifest, opts: &PlanOptions) -> Result<Plan
                             cands.iter().filter(|c| c.size == primary.size).collect();
                         cands
                             .iter()
-                            .find(|c| released(c) && !link_used.contains(c.path.as_slice()))
+                            .find(|c| released(c) && !link_used.contains(&c.path[..]))
                             .map(|c| (**c, ReuseMode::Link))
                             .or_else(|| cands.first().map(|c| (**c, ReuseMode::Copy)))
                     });
@@ -391,12 +389,12 @@ pub fn build(src: &Manifest, dest: &Manifest, opts: &PlanOptions) -> Result<Plan
             }
         };
         let placed_inode = dest_by_path
-            .get(rest_from.path.as_slice())
+            .get(&rest_from.path[..])
             .filter(|d| anchor.is_some() && d.kind == Kind::File)
             .map(|d| d.inode());
         for m in members.iter().filter(|m| m.path != rest_from.path) {
             let already = dest_by_path
-                .get(m.path.as_slice())
+                .get(&m.path[..])
                 .is_some_and(|d| d.kind == Kind::File && Some(d.inode()) == placed_inode);
             if !already {
                 plan.link.push(Link {
@@ -450,7 +448,7 @@ pub(crate) mod tests {
     /// An entry whose mtime follows its size: equal sizes look like the same content.
     pub(crate) fn entry(path: &str, kind: Kind, size: u64, ino: u64, nlink: u64) -> Entry {
         Entry {
-            path: path.as_bytes().to_vec(),
+            path: path.as_bytes().into(),
             kind,
             size,
             meta: Meta {
@@ -480,7 +478,7 @@ pub(crate) mod tests {
     /// Hashes for `paths`, as the agents answer a [`hash_request`]; one per size.
     pub(crate) fn with_hashes(m: &mut Manifest, paths: &[Vec<u8>]) {
         for e in &mut m.entries {
-            if paths.contains(&e.path) {
+            if paths.iter().any(|p| **p == *e.path) {
                 e.hash = Some(Box::new([e.size as u8; 32]));
             }
         }
@@ -510,7 +508,7 @@ pub(crate) mod tests {
         assert!(plan.send.is_empty());
         assert_eq!(plan.reuse.len(), 1);
         assert_eq!(plan.reuse[0].mode, ReuseMode::Link);
-        assert_eq!(plan.delete, vec![b"cur/1:2,".to_vec()]);
+        assert_eq!(plan.delete, vec![RelPath::from(&b"cur/1:2,"[..])]);
         let changes = Changes::of(&src, &dest, &plan);
         assert_eq!(changes.renamed.len(), 1);
         assert!(
@@ -549,8 +547,8 @@ pub(crate) mod tests {
         assert_eq!(
             plan.link,
             vec![Link {
-                from: b"x".to_vec(),
-                to: b"y".to_vec()
+                from: b"x"[..].into(),
+                to: b"y"[..].into()
             }]
         );
     }
@@ -596,10 +594,10 @@ pub(crate) mod tests {
             entry("d/x", Kind::File, 1, 3, 1),
         ]);
         let plan = build(&src, &dest, &PlanOptions::default()).unwrap();
-        assert_eq!(plan.delete, vec![b"d".to_vec()]);
+        assert_eq!(plan.delete, vec![RelPath::from(&b"d"[..])]);
         assert_eq!(
             Changes::of(&src, &dest, &plan).deleted,
-            vec![b"d".to_vec(), b"d/x".to_vec()],
+            vec![RelPath::from(&b"d"[..]), RelPath::from(&b"d/x"[..])],
             "the directory and what it held"
         );
         assert_eq!(plan.send.len(), 1);

@@ -14,7 +14,7 @@ use crate::sync::beneath::{remove_at, validate, Tree};
 use crate::sync::compress::LevelsTaken;
 use crate::sync::hash_cache::{HashCache, Stamp};
 use crate::sync::manifest::{
-    display_path, root_setuid_bits, Digest, Kind, Meta, Skipped, TEMP_PREFIX,
+    display_path, root_setuid_bits, Digest, Kind, Meta, RelPath, Skipped, TEMP_PREFIX,
 };
 use crate::sync::plan::{Plan, ReuseMode, SendItem};
 use crate::sync::scan::hash_reader;
@@ -458,10 +458,10 @@ pub struct Receiver<'p> {
     cache: HashCache,
     stats: ReceiveStats,
     /// Files placed in this run with their digests, recorded in the hash cache at the end.
-    placed: Vec<(Vec<u8>, Digest)>,
+    placed: Vec<(RelPath, Digest)>,
     touched_dirs: HashSet<Vec<u8>>,
     /// Files whose content changed on the source while it was sent: left as DEST had them.
-    changed: HashSet<Vec<u8>>,
+    changed: HashSet<RelPath>,
     /// One copy buffer for the whole run.
     buf: Vec<u8>,
     /// Our own ids: a new file already has them, so chown can be skipped.
@@ -678,7 +678,7 @@ impl<'p> Receiver<'p> {
     ) -> Result<()> {
         let plan = self.plan;
         let mut expected: HashMap<&[u8], &SendItem> =
-            plan.send.iter().map(|s| (s.path.as_slice(), s)).collect();
+            plan.send.iter().map(|s| (&s.path[..], s)).collect();
         // Files placed from this stream, with their hard-link group (the group's first
         // planned name): a hard link member may only name one of its own group.
         let mut placed_in: HashMap<&[u8], &[u8]> = HashMap::new();
@@ -738,7 +738,8 @@ impl<'p> Receiver<'p> {
                     );
                 }
                 let group = item.link_to.as_deref().unwrap_or(&item.path);
-                let path = member.path.clone();
+                // The plan's path, which the stream's matched: shared, not copied.
+                let path = item.path.clone();
                 let (dir, name) = self.tree.parent(&path)?;
                 let what = self.tree.show(&path);
                 self.touched_dirs
@@ -892,12 +893,12 @@ impl<'p> Receiver<'p> {
     }
 
     /// Records a file that changed on the source during the sync, left as DEST had it.
-    fn left_behind(&mut self, path: Vec<u8>) {
-        self.changed.insert(path.clone());
+    fn left_behind(&mut self, path: RelPath) {
         self.stats.vanished.push(Skipped {
-            path,
+            path: path.to_vec(),
             reason: CHANGED_DURING_SYNC.into(),
         });
+        self.changed.insert(path);
     }
 
     fn links(&mut self) -> Result<()> {
@@ -1022,7 +1023,7 @@ mod tests {
             send: paths
                 .iter()
                 .map(|p| SendItem {
-                    path: p.to_vec(),
+                    path: (*p).into(),
                     kind: Kind::File,
                     link_to: None,
                     // Sizes are checked by their own test.
@@ -1157,9 +1158,9 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let dest = t.path().join("new");
         let mut plan = plan_for(&[b"key.pem", b"b"]);
-        plan.mkdir.push(Vec::new());
+        plan.mkdir.push(RelPath::from(&[][..]));
         plan.dirs.push(crate::sync::plan::MetaUpdate {
-            path: Vec::new(),
+            path: RelPath::from(&[][..]),
             kind: Kind::Dir,
             meta: Meta {
                 mode: 0o755,
@@ -1252,9 +1253,9 @@ mod tests {
         std::fs::create_dir(t.path().join("private")).unwrap();
         std::fs::write(t.path().join("private/dkim.key"), b"key").unwrap();
         let item = |path: &[u8], link_to: Option<&[u8]>| SendItem {
-            path: path.to_vec(),
+            path: path.into(),
             kind: Kind::File,
-            link_to: link_to.map(|l| l.to_vec()),
+            link_to: link_to.map(|l| l.into()),
             size: 3,
         };
         let plan = Plan {

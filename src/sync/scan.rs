@@ -198,7 +198,7 @@ impl Walk<'_> {
             } else {
                 None
             };
-            self.push(rel.clone(), kind, &st, target, hash);
+            self.push(&rel, kind, &st, target, hash);
             if kind == Kind::Dir {
                 let sub = match openat(dir, name, DIR_FLAGS, Mode::empty()) {
                     Ok(fd) => fd,
@@ -242,7 +242,7 @@ impl Walk<'_> {
 
     fn push(
         &mut self,
-        path: Vec<u8>,
+        path: &[u8],
         kind: Kind,
         st: &FileStat,
         target: Option<Vec<u8>>,
@@ -250,7 +250,7 @@ impl Walk<'_> {
     ) {
         let meta = meta_of_stat(st, &mut self.names);
         self.manifest.entries.push(Entry {
-            path,
+            path: path.into(),
             kind,
             size: if kind == Kind::File {
                 st.st_size as u64
@@ -296,7 +296,7 @@ pub fn scan(root: &Path, opts: &ScanOptions, cache: &mut HashCache) -> Result<Ma
             ..Manifest::default()
         },
     };
-    walk.push(Vec::new(), Kind::Dir, &st, None, None);
+    walk.push(b"", Kind::Dir, &st, None, None);
     walk.dir(&root_fd, b"")?;
     Ok(walk.manifest)
 }

@@ -38,16 +38,13 @@ pub fn compare(src: &Manifest, dest: &Manifest, content: Content) -> Vec<Differe
             what,
         })
     };
-    let dest_by_path: HashMap<&[u8], &Entry> = dest
-        .entries
-        .iter()
-        .map(|e| (e.path.as_slice(), e))
-        .collect();
-    let src_paths: BTreeSet<&[u8]> = src.entries.iter().map(|e| e.path.as_slice()).collect();
+    let dest_by_path: HashMap<&[u8], &Entry> =
+        dest.entries.iter().map(|e| (&e.path[..], e)).collect();
+    let src_paths: BTreeSet<&[u8]> = src.entries.iter().map(|e| &e.path[..]).collect();
     let src_groups = link_groups(src);
     let dest_groups = link_groups(dest);
     for s in &src.entries {
-        let Some(d) = dest_by_path.get(s.path.as_slice()) else {
+        let Some(d) = dest_by_path.get(&s.path[..]) else {
             diff(
                 &s.path,
                 format!("{} missing on the receiving side", s.kind.describe()),
@@ -71,7 +68,7 @@ pub fn compare(src: &Manifest, dest: &Manifest, content: Content) -> Vec<Differe
                     _ => diff(&s.path, "content could not be hashed on both sides".into()),
                 }
             }
-            if src_groups.get(s.path.as_slice()) != dest_groups.get(s.path.as_slice()) {
+            if src_groups.get(&s.path[..]) != dest_groups.get(&s.path[..]) {
                 diff(&s.path, "hard links differ".into());
             }
         }
@@ -105,7 +102,7 @@ pub fn compare(src: &Manifest, dest: &Manifest, content: Content) -> Vec<Differe
         }
     }
     for d in &dest.entries {
-        if !src_paths.contains(d.path.as_slice()) {
+        if !src_paths.contains(&d.path[..]) {
             diff(
                 &d.path,
                 format!("{} only on the receiving side", d.kind.describe()),
@@ -120,10 +117,7 @@ pub fn compare(src: &Manifest, dest: &Manifest, content: Content) -> Vec<Differe
 fn link_groups(m: &Manifest) -> HashMap<&[u8], BTreeSet<&[u8]>> {
     let mut by_inode: BTreeMap<(u64, u64), BTreeSet<&[u8]>> = BTreeMap::new();
     for e in m.entries.iter().filter(|e| e.is_hardlinked()) {
-        by_inode
-            .entry(e.inode())
-            .or_default()
-            .insert(e.path.as_slice());
+        by_inode.entry(e.inode()).or_default().insert(&e.path[..]);
     }
     let mut out = HashMap::new();
     for names in by_inode.into_values().filter(|n| n.len() > 1) {
@@ -141,7 +135,7 @@ mod tests {
 
     fn file(path: &str, ino: u64, nlink: u64, hash: u8) -> Entry {
         Entry {
-            path: path.as_bytes().to_vec(),
+            path: path.as_bytes().into(),
             kind: Kind::File,
             size: 3,
             meta: Meta {
