@@ -13,7 +13,7 @@
 //!
 //! Pure computation from the manifests and the plan, no I/O.
 
-use crate::sync::manifest::{Entry, Kind, Manifest, RelPath, Skipped};
+use crate::sync::manifest::{ByPath, Kind, Manifest, RelPath, Skipped};
 use crate::sync::plan::{ancestors, meta_same, Plan, ReuseMode};
 use crate::sync::receive::ReceiveStats;
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
@@ -99,8 +99,7 @@ impl<'a> OldNames<'a> {
 impl Changes {
     /// The account of `plan`, built from `src` and `dest`.
     pub fn of(src: &Manifest, dest: &Manifest, plan: &Plan) -> Changes {
-        let dest_by_path: HashMap<&[u8], &Entry> =
-            dest.entries.iter().map(|e| (&e.path[..], e)).collect();
+        let dest_by_path = ByPath::new(dest);
         let removed: HashSet<&[u8]> = plan.delete.iter().map(|p| &p[..]).collect();
         let gone = |p: &[u8]| {
             !p.is_empty() && (removed.contains(p) || ancestors(p).any(|a| removed.contains(a)))
@@ -149,7 +148,7 @@ impl Changes {
         for l in &plan.link {
             // The DEST inode behind `from`: where reused content came from, else its own.
             let origin = reused_from.get(&l.from[..]).copied().unwrap_or(&l.from);
-            let new_name = !dest_by_path.contains_key(&l.to[..]);
+            let new_name = !dest_by_path.contains(&l.to);
             match dest_inode(origin)
                 .filter(|_| new_name)
                 .and_then(|inode| old.take(inode, origin))

@@ -5,6 +5,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt;
+use std::hash::BuildHasher;
 use std::ops::Deref;
 use std::sync::Arc;
 
@@ -336,6 +337,46 @@ pub struct Manifest {
     pub leftovers: Vec<Vec<u8>>,
 }
 
+/// A manifest's entries by path, for the plan's lookups. It holds entry numbers (4 bytes a
+/// slot; a map of path to entry took 24, and the plan holds one for each tree) and finds one
+/// by hashing the path asked for and comparing it with the entry's.
+pub struct ByPath<'a> {
+    entries: &'a [Entry],
+    table: hashbrown::HashTable<u32>,
+    hasher: foldhash::fast::RandomState,
+}
+
+impl<'a> ByPath<'a> {
+    pub fn new(m: &'a Manifest) -> ByPath<'a> {
+        let hasher = foldhash::fast::RandomState::default();
+        let entries = &m.entries[..];
+        let mut table = hashbrown::HashTable::with_capacity(entries.len());
+        let hash = |i: &u32| hasher.hash_one(&*entries[*i as usize].path);
+        // A u32 numbers more entries than a controller could hold (4G entries of 100 bytes).
+        for i in 0..entries.len() as u32 {
+            table.insert_unique(hash(&i), i, hash);
+        }
+        ByPath {
+            entries,
+            table,
+            hasher,
+        }
+    }
+
+    pub fn get(&self, path: &[u8]) -> Option<&'a Entry> {
+        let entries = self.entries;
+        self.table
+            .find(self.hasher.hash_one(path), |i| {
+                *entries[*i as usize].path == *path
+            })
+            .map(|i| &entries[*i as usize])
+    }
+
+    pub fn contains(&self, path: &[u8]) -> bool {
+        self.get(path).is_some()
+    }
+}
+
 /// Renders a raw path for people: lossy UTF-8, with control characters escaped.
 pub fn display_path(path: &[u8]) -> String {
     if path.is_empty() {
@@ -400,5 +441,36 @@ mod tests {
         let mut scratch = [0u8; 16];
         let ([c, _], _): ([Name; 2], _) = postcard::from_io((&wire[..], &mut scratch[..])).unwrap();
         assert!(Arc::ptr_eq(&a.0, &c.0));
+    }
+
+    #[test]
+    fn by_path_finds_each_entry_under_its_own_path_only() {
+        let entry = |path: &str| Entry {
+            path: path.as_bytes().into(),
+            kind: Kind::File,
+            size: path.len() as u64,
+            meta: Meta::default(),
+            dev: 1,
+            ino: 0,
+            nlink: 1,
+            target: None,
+            hash: None,
+        };
+        let names = ["", "cur", "cur/a:2,S", "cur/a:2,", "new/a", "new"];
+        let m = Manifest {
+            root_exists: true,
+            entries: names.iter().map(|n| entry(n)).collect(),
+            ..Manifest::default()
+        };
+        let by_path = ByPath::new(&m);
+        for n in names {
+            assert_eq!(
+                &*by_path.get(n.as_bytes()).map(|e| e.path.clone()).unwrap(),
+                n.as_bytes()
+            );
+        }
+        for absent in ["cur/a", "new/", "a", "cur/a:2,S/x"] {
+            assert!(!by_path.contains(absent.as_bytes()), "{absent}");
+        }
     }
 }

@@ -11,7 +11,7 @@
 //! 5. `link`: further names of inodes placed by 3 or already in DEST (hard-link groups).
 //! 6. `meta`, then `dirs` deepest first: writing into a directory changes its mtime.
 
-use crate::sync::manifest::{raw_path, Digest, Entry, Kind, Manifest, Meta, RelPath};
+use crate::sync::manifest::{raw_path, ByPath, Digest, Entry, Kind, Manifest, Meta, RelPath};
 use anyhow::{bail, Result};
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use serde::{Deserialize, Serialize};
@@ -131,10 +131,6 @@ pub(crate) fn meta_same(s: &Entry, d: &Entry) -> bool {
     mode_ok && s.meta.same_owner(&d.meta) && s.meta.same_mtime(&d.meta)
 }
 
-fn index(m: &Manifest) -> HashMap<&[u8], &Entry> {
-    m.entries.iter().map(|e| (&e.path[..], e)).collect()
-}
-
 fn parent(path: &[u8]) -> &[u8] {
     match path.iter().rposition(|&b| b == b'/') {
         Some(i) => &path[..i],
@@ -157,7 +153,7 @@ pub fn hash_request(src: &Manifest, dest: &Manifest, opts: &PlanOptions) -> Hash
     if opts.checksum {
         return HashRequest::default();
     }
-    let dest_by_path = index(dest);
+    let dest_by_path = ByPath::new(dest);
     let mut wanted: HashMap<(u64, i64, u32), Vec<&[u8]>> = HashMap::new();
     for s in src
         .entries
@@ -195,8 +191,8 @@ pub fn build(src: &Manifest, dest: &Manifest, opts: &PlanOptions) -> Result<Plan
     if !src.root_exists && !opts.allow_empty_source {
         bail!("the source does not exist; pass --allow-empty-source to empty DEST");
     }
-    let src_by_path = index(src);
-    let dest_by_path = index(dest);
+    let src_by_path = ByPath::new(src);
+    let dest_by_path = ByPath::new(dest);
     let mut plan = Plan::default();
 
     // Deletes: extraneous entries (unless --no-delete), type changes, crash leftovers.
@@ -424,7 +420,7 @@ pub fn build(src: &Manifest, dest: &Manifest, opts: &PlanOptions) -> Result<Plan
     }
     let mut dirs: Vec<&Entry> = changed_dirs
         .iter()
-        .filter_map(|p| src_by_path.get(p.as_slice()).copied())
+        .filter_map(|p| src_by_path.get(p))
         .filter(|e| e.kind == Kind::Dir)
         .collect();
     // Deepest first; the root (empty path) last.
