@@ -830,7 +830,7 @@ mod tests {
     use crate::sync::manifest::{Entry, Kind, Meta};
     use crate::sync::plan::SendItem;
 
-    fn entry(path: &[u8], kind: Kind, size: u64, nlink: u64) -> Entry {
+    fn entry(path: &[u8], kind: Kind, size: u64, nlink: u32) -> Entry {
         Entry {
             path: path.into(),
             kind,

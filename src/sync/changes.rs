@@ -286,7 +286,7 @@ mod tests {
     #[test]
     fn every_entry_is_counted_once_and_the_counts_add_up() {
         let mut link = entry("link", Kind::Symlink, 0, 10, 1);
-        link.target = Some(b"edit".to_vec());
+        link.target = Some(b"edit"[..].into());
         let mut attr = entry("attr", Kind::File, 90, 17, 1);
         attr.meta.mode = 0o600;
         let mut src = manifest(vec![

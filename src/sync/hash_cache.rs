@@ -6,7 +6,7 @@
 //! The cache lives in `/var/lib/relaymove/cache` for root (else `$XDG_CACHE_HOME/relaymove` or
 //! `~/.cache/relaymove`; `RELAYMOVE_CACHE_DIR` overrides), one file per tree, mode 0600.
 
-use crate::sync::manifest::{raw_path, Digest};
+use crate::sync::manifest::{raw_path, Digest, RelPath};
 use anyhow::{Context, Result};
 use foldhash::{HashMap, HashMapExt};
 use serde::de::{DeserializeSeed, Deserializer, SeqAccess, Visitor};
@@ -44,7 +44,7 @@ impl Stamp {
     }
 }
 
-type Map = HashMap<Vec<u8>, (Stamp, Digest)>;
+type Map = HashMap<RelPath, (Stamp, Digest)>;
 
 pub struct HashCache {
     file: Option<PathBuf>,
@@ -74,7 +74,7 @@ impl Serialize for Entries<'_> {
 /// Hands each entry of the file to its closure as it is decoded.
 struct EachEntry<F>(F);
 
-impl<'de, F: FnMut(Vec<u8>, Stamp, Digest)> DeserializeSeed<'de> for EachEntry<F> {
+impl<'de, F: FnMut(RelPath, Stamp, Digest)> DeserializeSeed<'de> for EachEntry<F> {
     type Value = ();
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
@@ -82,7 +82,7 @@ impl<'de, F: FnMut(Vec<u8>, Stamp, Digest)> DeserializeSeed<'de> for EachEntry<F
     }
 }
 
-impl<'de, F: FnMut(Vec<u8>, Stamp, Digest)> Visitor<'de> for EachEntry<F> {
+impl<'de, F: FnMut(RelPath, Stamp, Digest)> Visitor<'de> for EachEntry<F> {
     type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
@@ -99,7 +99,7 @@ impl<'de, F: FnMut(Vec<u8>, Stamp, Digest)> Visitor<'de> for EachEntry<F> {
 
 /// Calls `each` for every entry of the cache file; `None` when it is missing or unreadable,
 /// perhaps after some entries were handed out.
-fn read_entries(file: &Option<PathBuf>, each: impl FnMut(Vec<u8>, Stamp, Digest)) -> Option<()> {
+fn read_entries(file: &Option<PathBuf>, each: impl FnMut(RelPath, Stamp, Digest)) -> Option<()> {
     let decoder = zstd::Decoder::new(fs::File::open(file.as_ref()?).ok()?).ok()?;
     // Postcard reads a path byte by byte: from a buffer, not from the decompressor.
     let decoded = io::BufReader::with_capacity(64 << 10, decoder);
@@ -161,8 +161,9 @@ impl HashCache {
         }
     }
 
-    pub fn put(&mut self, path: &[u8], stamp: Stamp, digest: Digest) {
-        self.map().insert(path.to_vec(), (stamp, digest));
+    /// A receiver passes the plan's path, so the cache shares it instead of copying it.
+    pub fn put(&mut self, path: RelPath, stamp: Stamp, digest: Digest) {
+        self.map().insert(path, (stamp, digest));
         self.dirty = true;
     }
 
@@ -311,8 +312,8 @@ mod tests {
         };
         let file = t.path().join("c.hashes");
         let mut c = at(&file);
-        c.put(b"a", stamp(1), [1; 32]);
-        c.put(b"b", stamp(2), [2; 32]);
+        c.put(b"a"[..].into(), stamp(1), [1; 32]);
+        c.put(b"b"[..].into(), stamp(2), [2; 32]);
         c.save().unwrap();
 
         let mut c = at(&file);
@@ -347,7 +348,7 @@ mod tests {
             ctime: 5,
             ctime_nsec: 6,
         };
-        c.put(b"a", s, [7; 32]);
+        c.put(b"a"[..].into(), s, [7; 32]);
         assert_eq!(c.get(b"a", &s), Some([7; 32]));
         assert_eq!(c.get(b"a", &Stamp { ctime_nsec: 9, ..s }), None);
         assert_eq!(c.get(b"b", &s), None);

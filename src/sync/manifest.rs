@@ -291,10 +291,13 @@ pub struct Entry {
     pub meta: Meta,
     pub dev: u64,
     pub ino: u64,
-    pub nlink: u64,
+    /// Saturated at `u32::MAX`: the mirror only asks whether it is more than 1. With the
+    /// target a `RelPath`, an entry takes 112 bytes instead of 128, and a re-sync's controller
+    /// holds two manifests of them.
+    pub nlink: u32,
     /// Symlink target, raw bytes.
     #[serde(with = "raw_path::opt")]
-    pub target: Option<Vec<u8>>,
+    pub target: Option<RelPath>,
     /// Content hash, present when it was asked for (`--checksum`, rename candidates); boxed,
     /// as most entries have none.
     pub hash: Option<Box<Digest>>,

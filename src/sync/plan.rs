@@ -442,7 +442,7 @@ pub(crate) mod tests {
     use crate::sync::changes::Changes;
 
     /// An entry whose mtime follows its size: equal sizes look like the same content.
-    pub(crate) fn entry(path: &str, kind: Kind, size: u64, ino: u64, nlink: u64) -> Entry {
+    pub(crate) fn entry(path: &str, kind: Kind, size: u64, ino: u64, nlink: u32) -> Entry {
         Entry {
             path: path.as_bytes().into(),
             kind,

@@ -976,7 +976,7 @@ impl<'p> Receiver<'p> {
             };
             if let Ok(st) = fstatat(dir.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
                 let stamp = crate::sync::scan::stamp_of_stat(&st);
-                self.cache.put(&path, stamp, digest);
+                self.cache.put(path, stamp, digest);
             }
         }
         for rel in &self.plan.delete {

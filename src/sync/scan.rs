@@ -8,7 +8,9 @@
 use crate::sync::beneath::Tree;
 use crate::sync::filter::Excludes;
 use crate::sync::hash_cache::{HashCache, Stamp};
-use crate::sync::manifest::{Digest, Entry, Kind, Manifest, Meta, Name, Skipped, TEMP_PREFIX};
+use crate::sync::manifest::{
+    Digest, Entry, Kind, Manifest, Meta, Name, RelPath, Skipped, TEMP_PREFIX,
+};
 use anyhow::{bail, Context, Result};
 use nix::dir::Dir;
 use nix::errno::Errno;
@@ -235,7 +237,7 @@ impl Walk<'_> {
         let digest = hash_reader(&mut file)?;
         // Only remember the hash if the file did not change while we read it.
         if Stamp::of(&file.metadata()?) == stamp {
-            self.cache.put(rel, stamp, digest);
+            self.cache.put(rel.into(), stamp, digest);
         }
         Ok(digest)
     }
@@ -260,8 +262,8 @@ impl Walk<'_> {
             meta,
             dev: st.st_dev,
             ino: st.st_ino,
-            nlink: st.st_nlink,
-            target,
+            nlink: u32::try_from(st.st_nlink).unwrap_or(u32::MAX),
+            target: target.map(RelPath::from),
             hash: hash.map(Box::new),
         });
     }
@@ -314,7 +316,7 @@ pub fn hash_path(tree: &mut Tree, rel: &[u8], cache: &mut HashCache) -> Result<O
     let digest = hash_reader(&mut f).with_context(|| format!("hashing {}", tree.show(rel)))?;
     // Only remember the hash if the file did not change while we read it.
     if Stamp::of(&f.metadata()?) == stamp {
-        cache.put(rel, stamp, digest);
+        cache.put(rel.into(), stamp, digest);
     }
     Ok(Some(digest))
 }

@@ -133,7 +133,7 @@ mod tests {
     use super::*;
     use crate::sync::manifest::Meta;
 
-    fn file(path: &str, ino: u64, nlink: u64, hash: u8) -> Entry {
+    fn file(path: &str, ino: u64, nlink: u32, hash: u8) -> Entry {
         Entry {
             path: path.as_bytes().into(),
             kind: Kind::File,
