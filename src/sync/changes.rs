@@ -80,7 +80,7 @@ impl<'a> OldNames<'a> {
     /// Takes `name`, if it is an old name of `inode`.
     fn claim(&mut self, inode: (u64, u64), name: &[u8]) -> Option<&'a RelPath> {
         let names = self.by_inode.get_mut(&inode)?;
-        let i = names.iter().position(|n| ***n == *name)?;
+        let i = names.iter().position(|n| n[..] == *name)?;
         let name = names.remove(i);
         self.taken.insert(name);
         Some(name)
@@ -89,7 +89,7 @@ impl<'a> OldNames<'a> {
     /// Takes an old name of `inode`: `preferred` if it is one, else the first.
     fn take(&mut self, inode: (u64, u64), preferred: &[u8]) -> Option<&'a RelPath> {
         let names = self.by_inode.get_mut(&inode)?;
-        let i = names.iter().position(|n| ***n == *preferred).unwrap_or(0);
+        let i = names.iter().position(|n| n[..] == *preferred).unwrap_or(0);
         let name = (i < names.len()).then(|| names.remove(i))?;
         self.taken.insert(name);
         Some(name)

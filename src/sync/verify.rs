@@ -4,7 +4,7 @@
 //!
 //! Pure: it takes two manifests (from scans with `checksum`) and lists every difference.
 
-use crate::sync::manifest::{display_path, Entry, Kind, Manifest};
+use crate::sync::manifest::{display_path, ByPath, Entry, Kind, Manifest};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// One way the trees differ, at one path.
@@ -38,9 +38,8 @@ pub fn compare(src: &Manifest, dest: &Manifest, content: Content) -> Vec<Differe
             what,
         })
     };
-    let dest_by_path: HashMap<&[u8], &Entry> =
-        dest.entries.iter().map(|e| (&e.path[..], e)).collect();
-    let src_paths: BTreeSet<&[u8]> = src.entries.iter().map(|e| &e.path[..]).collect();
+    let dest_by_path = ByPath::new(dest);
+    let src_by_path = ByPath::new(src);
     let src_groups = link_groups(src);
     let dest_groups = link_groups(dest);
     for s in &src.entries {
@@ -102,7 +101,7 @@ pub fn compare(src: &Manifest, dest: &Manifest, content: Content) -> Vec<Differe
         }
     }
     for d in &dest.entries {
-        if !src_paths.contains(&d.path[..]) {
+        if !src_by_path.contains(&d.path) {
             diff(
                 &d.path,
                 format!("{} only on the receiving side", d.kind.describe()),
