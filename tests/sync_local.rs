@@ -7,6 +7,7 @@ mod common;
 use common::{assert_mirror, lchown, p, relaymove, set_mtime, snapshot, sync_json};
 use std::ffi::OsStr;
 use std::fs;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::Path;
 
@@ -258,6 +259,64 @@ fn flag_renames_and_moves_are_not_resent() {
         (count("linked"), count("copied")),
         (Some(0), Some(0)),
         "{r}"
+    );
+}
+
+/// A rename is done in place when it can be (the old name is deleted, the new one is free,
+/// its directory stays) and through the staging directory otherwise: every case arrives.
+#[test]
+fn renames_into_taken_names_new_folders_and_out_of_deleted_folders_all_arrive() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dest, cache) = (
+        t.path().join("src"),
+        t.path().join("dest"),
+        t.path().join("cache"),
+    );
+    let files: [(&[u8], &[u8]); 6] = [
+        (b"f/a", b"content of a"),
+        (b"f/b", b"content of b, longer"),
+        (b"f/x", b"x is replaced"),
+        (b"g/c", b"content of c, longest yet"),
+        (b"h/d", b"d, in a folder that goes"),
+        (b"h/e", b"e goes with it"),
+    ];
+    for (i, (rel, data)) in files.iter().enumerate() {
+        write(&src, rel, data);
+        set_mtime(&p(&src, rel), 1_700_000_000 + i as i64, 0);
+    }
+    let _ = sync_json(&src, &dest, &[], &cache);
+    assert_mirror(&src, &dest);
+
+    // In place: a flag rename, and a message out of a folder that is deleted.
+    fs::rename(p(&src, b"f/a"), p(&src, b"f/a:2,S")).unwrap();
+    fs::rename(p(&src, b"h/d"), p(&src, b"f/d")).unwrap();
+    fs::remove_dir_all(p(&src, b"h")).unwrap();
+    // Staged: into a folder DEST does not have yet, onto a name DEST holds other content
+    // under, and content that also stays where it was.
+    fs::create_dir(p(&src, b"new")).unwrap();
+    fs::rename(p(&src, b"f/b"), p(&src, b"new/b")).unwrap();
+    fs::rename(p(&src, b"g/c"), p(&src, b"f/x")).unwrap();
+    fs::copy(p(&src, b"f/a:2,S"), p(&src, b"f/a-copy")).unwrap();
+    set_mtime(&p(&src, b"f/a-copy"), 1_700_000_000, 0);
+    fs::remove_dir(p(&src, b"g")).unwrap();
+
+    let r = sync_json(&src, &dest, &[], &cache);
+    assert_mirror(&src, &dest);
+    assert_counts_add_up(&r);
+    let count = |k: &str| r[k].as_u64();
+    assert_eq!(
+        (count("renamed"), count("copied"), count("sent")),
+        (Some(4), Some(1), Some(0)),
+        "{r}"
+    );
+    let staging: Vec<_> = fs::read_dir(&dest)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().as_bytes().starts_with(b".relaymove-tmp"))
+        .collect();
+    assert!(
+        staging.is_empty(),
+        "the staging directory is left: {staging:?}"
     );
 }
 

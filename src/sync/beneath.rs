@@ -248,8 +248,14 @@ impl Tree {
     /// Removes `rel` and, if it is a directory, everything under it. Missing is fine.
     pub fn remove(&mut self, rel: &[u8]) -> Result<()> {
         let (parent, name) = self.parent(rel)?;
-        remove_at(parent.as_fd(), name).with_context(|| format!("removing {}", self.show(rel)))?;
-        self.forget();
+        let was_dir = remove_at(parent.as_fd(), name)
+            .with_context(|| format!("removing {}", self.show(rel)))?;
+        // Only a directory's removal can leave a cached handle pointing at a deleted
+        // directory. Forgetting them all after every file reopened each directory on the way
+        // of the next path (a delta's 2773 unlinks: most of its delete phase).
+        if was_dir {
+            self.forget();
+        }
         Ok(())
     }
 
@@ -276,16 +282,17 @@ impl Tree {
     }
 }
 
-/// Removes `name` in `dir`, recursing into directories without following symlinks.
-pub fn remove_at(dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
+/// Removes `name` in `dir`, recursing into directories without following symlinks; true
+/// when what it removed was a directory.
+pub fn remove_at(dir: BorrowedFd<'_>, name: &OsStr) -> Result<bool> {
     match unlinkat(dir, name, UnlinkatFlags::NoRemoveDir) {
-        Ok(()) | Err(Errno::ENOENT) => return Ok(()),
+        Ok(()) | Err(Errno::ENOENT) => return Ok(false),
         Err(Errno::EISDIR) | Err(Errno::EPERM) => {}
         Err(e) => return Err(e.into()),
     }
     let sub = match openat(dir, name, DIR_FLAGS, Mode::empty()) {
         Ok(fd) => fd,
-        Err(Errno::ENOENT) => return Ok(()),
+        Err(Errno::ENOENT) => return Ok(false),
         Err(e) => return Err(e.into()),
     };
     let mut listing = nix::dir::Dir::from_fd(sub.try_clone()?)?;
@@ -299,7 +306,7 @@ pub fn remove_at(dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
         remove_at(sub.as_fd(), OsStr::from_bytes(&child))?;
     }
     match unlinkat(dir, name, UnlinkatFlags::RemoveDir) {
-        Ok(()) | Err(Errno::ENOENT) => Ok(()),
+        Ok(()) | Err(Errno::ENOENT) => Ok(true),
         Err(e) => Err(e.into()),
     }
 }

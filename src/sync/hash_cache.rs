@@ -194,11 +194,21 @@ impl HashCache {
 
     /// Writes the cache atomically (temp file, rename). Failure to save is not fatal to a sync.
     pub fn save(&mut self) -> Result<()> {
+        if let Some(written) = self.write()? {
+            written.commit()?;
+            self.dirty = false;
+        }
+        Ok(())
+    }
+
+    /// The first half of [`save`](Self::save): the cache in a temporary file beside its own,
+    /// which [`Written::commit`] puts in its place. `None` when there is nothing to save.
+    pub fn write(&mut self) -> Result<Option<Written>> {
         let Some(file) = &self.file else {
-            return Ok(());
+            return Ok(None);
         };
         let Some(map) = self.map.as_ref().filter(|_| self.dirty) else {
-            return Ok(());
+            return Ok(None);
         };
         let dir = file.parent().context("cache path has no parent")?;
         // Explicit modes: the receiver runs with a zero umask.
@@ -218,7 +228,7 @@ impl HashCache {
             .mode(0o600)
             .open(&tmp)
             .with_context(|| format!("writing {}", tmp.display()))?;
-        let written = zstd::Encoder::new(f, 1)
+        let result = zstd::Encoder::new(f, 1)
             .context("compressing the hash cache")
             .and_then(|packed| {
                 postcard::to_io(
@@ -233,13 +243,38 @@ impl HashCache {
                     .and_then(|packed| packed.finish())
                     .with_context(|| format!("writing {}", tmp.display()))
             });
-        if let Err(e) = written {
-            let _ = fs::remove_file(&tmp);
-            return Err(e);
+        let written = Written {
+            tmp: Some(tmp),
+            file: file.clone(),
+        };
+        result?;
+        Ok(Some(written))
+    }
+}
+
+/// A saved cache not yet in place; dropped uncommitted, its file is removed.
+pub struct Written {
+    tmp: Option<PathBuf>,
+    file: PathBuf,
+}
+
+impl Written {
+    pub fn commit(mut self) -> Result<()> {
+        if let Some(tmp) = &self.tmp {
+            // On failure the temporary file goes with `self`.
+            fs::rename(tmp, &self.file)
+                .with_context(|| format!("renaming to {}", self.file.display()))?;
         }
-        fs::rename(&tmp, file).with_context(|| format!("renaming to {}", file.display()))?;
-        self.dirty = false;
+        self.tmp = None;
         Ok(())
+    }
+}
+
+impl Drop for Written {
+    fn drop(&mut self) {
+        if let Some(tmp) = &self.tmp {
+            let _ = fs::remove_file(tmp);
+        }
     }
 }
 
@@ -335,6 +370,33 @@ mod tests {
         c.retain(|_| false);
         assert!(!c.dirty);
         assert_eq!(c.get(b"b", &stamp(2)), None);
+    }
+
+    #[test]
+    fn a_written_cache_replaces_the_old_one_only_when_committed() {
+        let t = tempfile::tempdir().unwrap();
+        let file = t.path().join("c.hashes");
+        let at = || HashCache {
+            file: Some(file.clone()),
+            map: None,
+            dirty: false,
+        };
+        let mut c = at();
+        c.put(b"old"[..].into(), stamp(1), [1; 32]);
+        c.save().unwrap();
+        let files = || fs::read_dir(t.path()).unwrap().count();
+
+        // Dropped uncommitted (the receiver's sync failed): the old cache stays, alone.
+        let mut c = at();
+        c.put(b"new"[..].into(), stamp(2), [2; 32]);
+        drop(c.write().unwrap().expect("a changed cache is written"));
+        assert_eq!(files(), 1);
+        assert_eq!(at().get(b"new", &stamp(2)), None);
+        assert_eq!(at().get(b"old", &stamp(1)), Some([1; 32]));
+
+        c.write().unwrap().unwrap().commit().unwrap();
+        assert_eq!(files(), 1);
+        assert_eq!(at().get(b"new", &stamp(2)), Some([2; 32]));
     }
 
     #[test]

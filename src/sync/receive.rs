@@ -16,13 +16,13 @@ use crate::sync::hash_cache::{HashCache, Stamp};
 use crate::sync::manifest::{
     display_path, root_setuid_bits, Digest, Kind, Meta, RelPath, Skipped, TEMP_PREFIX,
 };
-use crate::sync::plan::{Plan, ReuseMode, SendItem};
+use crate::sync::plan::{ancestors, Plan, ReuseMode, SendItem};
 use crate::sync::scan::hash_reader;
 use crate::sync::stream::{MemberKind, MemberReader, MAX_PAX_HEADER};
 use anyhow::{anyhow, bail, Context, Result};
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use nix::errno::Errno;
-use nix::fcntl::{openat, AtFlags, OFlag};
+use nix::fcntl::{openat, renameat2, AtFlags, OFlag, RenameFlags};
 use nix::sys::stat::{fchmod, fstatat, futimens, utimensat, Mode, UtimensatFlags};
 use nix::sys::time::TimeSpec;
 use nix::unistd::{fchown, fchownat, linkat, Gid, Group, Uid, User};
@@ -546,12 +546,34 @@ impl<'p> Receiver<'p> {
         let finished = result
             .and_then(|()| self.links())
             .and_then(|()| self.metadata());
-        // One sync covers both outcomes: on failure, what was already placed is made durable
-        // before the error is reported, and the first error is the one reported.
-        let synced = self.sync();
+        if finished.is_ok() {
+            self.remember_hashes();
+        }
+        // The hash cache is written while the file system syncs, not after it (each took
+        // about 0.1 s at the end of a 56k-file delta). One sync covers both outcomes: on failure,
+        // what was already placed is made durable before the error is reported, and the
+        // first error is the one reported.
+        let (synced, saved) = std::thread::scope(|s| {
+            let cache = &mut self.cache;
+            let saving = finished.is_ok().then(|| s.spawn(|| cache.write()));
+            let synced = sync_tree(&mut self.tree, &mut self.touched_dirs, self.durability);
+            (synced, saving.map(|h| h.join()))
+        });
+        self.stats.sync_s += synced.as_ref().copied().unwrap_or_default();
         finished?;
         synced?;
-        self.remember_hashes();
+        // Only now, with what it describes durable, does the new cache replace the old.
+        let saved = match saved {
+            Some(Ok(Ok(Some(written)))) => written.commit(),
+            Some(Ok(Ok(None))) | None => Ok(()),
+            Some(Ok(Err(e))) => Err(e),
+            Some(Err(_)) => Err(anyhow!("its writer panicked")),
+        };
+        if let Err(e) = saved {
+            self.stats
+                .warnings
+                .push(format!("could not save the hash cache: {e:#}"));
+        }
         self.stats.warnings.append(&mut self.owners.warnings);
         self.stats.verified = true;
         progress(ReceiveProgress {
@@ -568,8 +590,12 @@ impl<'p> Receiver<'p> {
         OsString::from_vec(name)
     }
 
-    /// Links or copies reusable content aside before any delete can remove it.
-    fn stage_reuse(&mut self) -> Result<Vec<OsString>> {
+    /// Links or copies reusable content aside before any delete can remove it. A rename
+    /// (content whose only name is deleted, moving to a name that is free in a directory
+    /// that stays) is done at once, one `renameat2` instead of a link into the staging
+    /// directory, an unlink and a rename out of it: the 2311 renames of the benchmark's
+    /// delta took 0.19 s that way. Its entry in the returned list is then `None`.
+    fn stage_reuse(&mut self) -> Result<Vec<Option<OsString>>> {
         if self.plan.reuse.is_empty() {
             return Ok(Vec::new());
         }
@@ -592,6 +618,13 @@ impl<'p> Receiver<'p> {
             OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
             Mode::empty(),
         )?;
+        let deleted: HashSet<&[u8]> = self.plan.delete.iter().map(|p| &p[..]).collect();
+        let goes = |p: &[u8]| deleted.contains(p) || ancestors(p).any(|a| deleted.contains(a));
+        // Content another reuse reads too must stay where it is until all are staged.
+        let mut readers: HashMap<&[u8], u32> = HashMap::new();
+        for reuse in &self.plan.reuse {
+            *readers.entry(&reuse.from[..]).or_default() += 1;
+        }
         let mut staged = Vec::new();
         for (i, reuse) in self.plan.reuse.iter().enumerate() {
             let (dir, name) = self.tree.parent(&reuse.from)?;
@@ -608,6 +641,33 @@ impl<'p> Receiver<'p> {
             };
             if digest != reuse.digest {
                 bail!("{what} changed since the scan; run the sync again");
+            }
+            let movable = reuse.mode == ReuseMode::Link
+                && readers[&reuse.from[..]] == 1
+                && goes(&reuse.from)
+                && !ancestors(&reuse.to).any(|a| deleted.contains(a));
+            // Into a directory reached without following a symlink; a name already taken, a
+            // directory not made yet or a file system without RENAME_NOREPLACE takes the
+            // staged way instead.
+            let target = match movable {
+                true => self.tree.parent_if_present(&reuse.to).ok().flatten(),
+                false => None,
+            };
+            if let Some((to_dir, to_name)) = target {
+                let to_what = self.tree.show(&reuse.to);
+                apply_meta_fd(file.as_fd(), &reuse.meta, None, &mut self.owners, &to_what)?;
+                let renamed = renameat2(
+                    dir.as_fd(),
+                    name,
+                    to_dir.as_fd(),
+                    to_name,
+                    RenameFlags::RENAME_NOREPLACE,
+                );
+                if renamed.is_ok() {
+                    self.placed.push((reuse.to.clone(), reuse.digest));
+                    staged.push(None);
+                    continue;
+                }
             }
             let staged_name = OsString::from(i.to_string());
             match reuse.mode {
@@ -640,12 +700,12 @@ impl<'p> Receiver<'p> {
                     }
                 }
             }
-            staged.push(staged_name);
+            staged.push(Some(staged_name));
         }
         Ok(staged)
     }
 
-    fn place_reuse(&mut self, staged: Vec<OsString>) -> Result<()> {
+    fn place_reuse(&mut self, staged: Vec<Option<OsString>>) -> Result<()> {
         if staged.is_empty() {
             return Ok(());
         }
@@ -658,6 +718,9 @@ impl<'p> Receiver<'p> {
             Mode::empty(),
         )?;
         for (reuse, staged_name) in self.plan.reuse.iter().zip(staged) {
+            let Some(staged_name) = staged_name else {
+                continue;
+            };
             let what = self.tree.show(&reuse.to);
             let fd = open_nofollow(stage_fd.as_fd(), &staged_name)?;
             apply_meta_fd(fd.as_fd(), &reuse.meta, None, &mut self.owners, &what)?;
@@ -949,26 +1012,8 @@ impl<'p> Receiver<'p> {
         Ok(())
     }
 
-    fn sync(&mut self) -> Result<()> {
-        let start = Instant::now();
-        if self.durability == Durability::Fsync {
-            let dirs: Vec<Vec<u8>> = self.touched_dirs.drain().collect();
-            for d in dirs {
-                let fd = self.tree.dir(&d)?;
-                nix::unistd::fsync(fd.as_fd())
-                    .with_context(|| format!("syncing {}", self.tree.show(&d)))?;
-            }
-        }
-        nix::unistd::syncfs(self.tree.root_fd()).with_context(|| {
-            format!(
-                "syncing the file system of {}",
-                self.tree.root_path().display()
-            )
-        })?;
-        self.stats.sync_s += start.elapsed().as_secs_f64();
-        Ok(())
-    }
-
+    /// Records the stamps of what this run placed, and forgets what it deleted, in the hash
+    /// cache; the caller saves it.
     fn remember_hashes(&mut self) {
         for (path, digest) in std::mem::take(&mut self.placed) {
             let Ok((dir, name)) = self.tree.parent(&path) else {
@@ -982,12 +1027,26 @@ impl<'p> Receiver<'p> {
         for rel in &self.plan.delete {
             self.cache.remove(rel);
         }
-        if let Err(e) = self.cache.save() {
-            self.stats
-                .warnings
-                .push(format!("could not save the hash cache: {e:#}"));
+    }
+}
+
+/// Makes what was written durable: one `syncfs`, and with `Durability::Fsync` each touched
+/// directory first. Returns the seconds it took.
+fn sync_tree(
+    tree: &mut Tree,
+    touched_dirs: &mut HashSet<Vec<u8>>,
+    durability: Durability,
+) -> Result<f64> {
+    let start = Instant::now();
+    if durability == Durability::Fsync {
+        for d in touched_dirs.drain().collect::<Vec<_>>() {
+            let fd = tree.dir(&d)?;
+            nix::unistd::fsync(fd.as_fd()).with_context(|| format!("syncing {}", tree.show(&d)))?;
         }
     }
+    nix::unistd::syncfs(tree.root_fd())
+        .with_context(|| format!("syncing the file system of {}", tree.root_path().display()))?;
+    Ok(start.elapsed().as_secs_f64())
 }
 
 pub fn decode_hex(s: &str) -> Option<Vec<u8>> {
