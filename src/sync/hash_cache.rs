@@ -140,7 +140,6 @@ impl HashCache {
     }
 
     /// A cache that remembers nothing and saves nowhere.
-    #[cfg(test)]
     pub fn disabled() -> HashCache {
         HashCache {
             file: None,
