@@ -139,6 +139,16 @@ impl HashCache {
         }
     }
 
+    /// A cache kept in `file`, whatever tree it is for.
+    #[cfg(test)]
+    pub fn at(file: PathBuf) -> HashCache {
+        HashCache {
+            file: Some(file),
+            map: None,
+            dirty: false,
+        }
+    }
+
     /// A cache that remembers nothing and saves nowhere.
     pub fn disabled() -> HashCache {
         HashCache {
@@ -375,11 +385,7 @@ mod tests {
     fn a_written_cache_replaces_the_old_one_only_when_committed() {
         let t = tempfile::tempdir().unwrap();
         let file = t.path().join("c.hashes");
-        let at = || HashCache {
-            file: Some(file.clone()),
-            map: None,
-            dirty: false,
-        };
+        let at = || HashCache::at(file.clone());
         let mut c = at();
         c.put(b"old"[..].into(), stamp(1), [1; 32]);
         c.save().unwrap();

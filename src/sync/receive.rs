@@ -1216,6 +1216,50 @@ mod tests {
     }
 
     #[test]
+    fn the_hash_cache_changes_only_after_a_receive_that_succeeded() {
+        let (t, caches) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let file = caches.path().join("dest.hashes");
+        let run = |plan: &Plan, bytes: &[u8]| {
+            let cache = HashCache::at(file.clone());
+            Receiver::new(
+                Tree::open(t.path()).unwrap(),
+                plan,
+                cache,
+                Durability::Syncfs,
+            )
+            .run(bytes, |_| {})
+        };
+        run(&plan_for(&[b"a"]), &stream(&[(b"a", b"first")], None, true)).unwrap();
+        let saved = std::fs::read(&file).expect("a successful receive saves the cache");
+        let digest: Digest = Sha256::digest(b"first").into();
+        let st = std::fs::metadata(t.path().join("a")).unwrap();
+        let stamp = Stamp::of(&st);
+        assert_eq!(HashCache::at(file.clone()).get(b"a", &stamp), Some(digest));
+
+        // Incompressible, so the cut falls inside it, after `b` was placed.
+        let mut x = 1u32;
+        let noise: Vec<u8> = (0..1 << 20)
+            .map(|_| {
+                x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                (x >> 16) as u8
+            })
+            .collect();
+        let cut = stream(&[(b"b", b"second"), (b"c", &noise)], None, false);
+        run(&plan_for(&[b"b", b"c"]), &cut).unwrap_err();
+        assert_eq!(std::fs::read(t.path().join("b")).unwrap(), b"second");
+        assert_eq!(
+            std::fs::read(&file).unwrap(),
+            saved,
+            "a failed receive changed the cache"
+        );
+        assert_eq!(
+            names(caches.path()),
+            ["dest.hashes"],
+            "a temporary cache file is left"
+        );
+    }
+
+    #[test]
     fn a_first_sync_that_fails_midway_leaves_a_new_dest_root_private() {
         use std::os::unix::fs::PermissionsExt;
         let t = tempfile::tempdir().unwrap();
