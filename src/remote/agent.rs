@@ -770,6 +770,24 @@ impl Agent {
         reply.map_err(|msg| anyhow!("{msg}"))
     }
 
+    /// [`Agent::call`] for a `Scan`: the manifest's entries go to `batch` as they are decoded
+    /// (`manifest::EachBatch`); the manifest returned has none.
+    pub async fn scan_each(
+        &mut self,
+        request: &crate::remote::protocol::Request<'_>,
+        batch: impl FnMut(Vec<crate::sync::manifest::Entry>) -> bool + Send + 'static,
+    ) -> Result<crate::sync::manifest::Manifest> {
+        use crate::remote::protocol::{read_frame_seed_async, ReplySeed};
+        self.send(request).await?;
+        let seed = ReplySeed(crate::sync::manifest::EachBatch(batch));
+        let reply = read_frame_seed_async(&mut self.output, seed)
+            .await
+            .with_context(|| {
+                format!("reading the answer of the agent on {}", self.process.label)
+            })?;
+        reply.map_err(|msg| anyhow!("{msg}"))
+    }
+
     /// Abandons the request in progress (a failure elsewhere made it pointless): both pipes
     /// are closed, so an agent writing a stream gets EPIPE and ends instead of producing
     /// the rest of it. No further request can be sent.

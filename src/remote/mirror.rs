@@ -19,10 +19,11 @@ use crate::report::size;
 use crate::sync::changes::Changes;
 use crate::sync::compress::{Compression, LevelsTaken};
 use crate::sync::manifest::{
-    display_path, root_setuid_bits, Digest, Kind, Manifest, RelPath, Skipped,
+    display_path, root_setuid_bits, Digest, Entry, Kind, Manifest, RelPath, Skipped,
 };
 use crate::sync::plan::{self, Plan, PlanOptions};
 use crate::sync::receive::ReceiveStats;
+use crate::sync::settle::settle;
 use anyhow::{anyhow, bail, Context, Result};
 use foldhash::HashMap;
 use std::borrow::Cow;
@@ -30,6 +31,7 @@ use std::fs::OpenOptions;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 
@@ -175,18 +177,31 @@ async fn scan_both_within(
     ))
 }
 
-/// `agent.call`, failing when the agent answers nothing for `limit`; the agent is then
-/// abandoned (its session can no longer be trusted to be in step).
+/// `agent.call`, failing when the agent answers nothing for `limit` (see [`within`]).
 async fn call_within<T: serde::de::DeserializeOwned + Send + 'static>(
     agent: &mut Agent,
     request: &Request<'_>,
     limit: Option<Duration>,
     phase: &str,
 ) -> Result<T> {
+    within(agent, limit, phase, async |a: &mut Agent| {
+        a.call(request).await
+    })
+    .await
+}
+
+/// `call` on `agent`, failing when it gives no answer for `limit`; the agent is then
+/// abandoned (its session can no longer be trusted to be in step).
+async fn within<T>(
+    agent: &mut Agent,
+    limit: Option<Duration>,
+    phase: &str,
+    call: impl AsyncFnOnce(&mut Agent) -> Result<T>,
+) -> Result<T> {
     let Some(limit) = limit else {
-        return agent.call(request).await;
+        return call(agent).await;
     };
-    match tokio::time::timeout(limit, agent.call::<T>(request)).await {
+    match tokio::time::timeout(limit, call(agent)).await {
         Ok(answer) => answer,
         Err(_) => {
             let e = silent(agent.label(), phase, limit);
@@ -194,6 +209,73 @@ async fn call_within<T: serde::de::DeserializeOwned + Send + 'static>(
             Err(e)
         }
     }
+}
+
+/// Scans both trees and settles them as the manifests arrive (`sync::settle`): the plan gets
+/// what differs, and neither tree is ever whole in this process. SRC's files lose their root
+/// setuid bits first unless `keep_setuid`, so that DEST without them settles too; their paths
+/// are returned.
+async fn scan_settled(
+    src: &mut Side<'_>,
+    dest: &mut Side<'_>,
+    opts: &MirrorOptions,
+    limit: Option<Duration>,
+) -> Result<(Manifest, Manifest, Vec<RelPath>)> {
+    let scan = |root: &Path| Request::Scan {
+        root: root_bytes(root),
+        checksum: opts.checksum,
+        excludes: opts.excludes.clone(),
+    };
+    let (src_scan, dest_scan) = (scan(src.root), scan(dest.root));
+    let (src_what, dest_what) = (describe(src), describe(dest));
+    let (src_phase, dest_phase) = (
+        format!("scanning {src_what}"),
+        format!("scanning {dest_what}"),
+    );
+    // Two batches a side in flight: the decoders run ahead of the merge, not a tree ahead.
+    let (src_tx, src_rx) = mpsc::sync_channel::<Vec<Entry>>(2);
+    let (dest_tx, dest_rx) = mpsc::sync_channel::<Vec<Entry>>(2);
+    let (checksum, keep_setuid) = (opts.checksum, opts.keep_setuid);
+    let settling = tokio::task::spawn_blocking(move || {
+        let (mut s, mut d, mut unset) = (Manifest::default(), Manifest::default(), Vec::new());
+        let src_entries = src_rx.into_iter().flatten().map(|mut e| {
+            if !keep_setuid && drop_root_setuid(&mut e) {
+                unset.push(e.path.clone());
+            }
+            e
+        });
+        settle(
+            &mut s,
+            src_entries,
+            &mut d,
+            dest_rx.into_iter().flatten(),
+            checksum,
+        )?;
+        anyhow::Ok((s, d, unset))
+    });
+    let pass = |tx: mpsc::SyncSender<Vec<Entry>>| move |batch| tx.send(batch).is_ok();
+    let (s, d) = tokio::join!(
+        within(src.agent, limit, &src_phase, async |a: &mut Agent| a
+            .scan_each(&src_scan, pass(src_tx))
+            .await),
+        within(dest.agent, limit, &dest_phase, async |a: &mut Agent| a
+            .scan_each(&dest_scan, pass(dest_tx))
+            .await)
+    );
+    // Both decoders have ended (their senders are gone), so the merge has too. Its error, an
+    // agent's scan out of order, is why the decoders stopped: it goes first.
+    let (mut src_m, mut dest_m, unset) = settling
+        .await
+        .context("settling the scans")?
+        .with_context(|| format!("scanning {src_what} and {dest_what}"))?;
+    let s = s.with_context(|| src_phase.clone())?;
+    let d = d.with_context(|| dest_phase.clone())?;
+    for (whole, scanned) in [(&mut src_m, s), (&mut dest_m, d)] {
+        whole.root_exists = scanned.root_exists;
+        whole.skipped = scanned.skipped;
+        whole.leftovers = scanned.leftovers;
+    }
+    Ok((src_m, dest_m, unset))
 }
 
 /// The error for an agent that went silent.
@@ -228,8 +310,7 @@ pub async fn mirror(
     // Cleared when the mirror returns, before its caller prints the outcome or the error.
     let mut progress = Progress::new(opts.progress);
     progress.phase(format!("scanning {src_what} and {dest_what}"));
-    let (mut src_m, mut dest_m) =
-        scan_both_within(&mut src, &mut dest, opts.checksum, &opts.excludes, limit).await?;
+    let (mut src_m, mut dest_m, unset) = scan_settled(&mut src, &mut dest, opts, limit).await?;
     if !src_m.root_exists && !opts.allow_empty_source {
         bail!(
             "SRC {} does not exist on {}; nothing was changed\nhint: check the path; pass --allow-empty-source to empty DEST",
@@ -237,12 +318,6 @@ pub async fn mirror(
             src.agent.label()
         );
     }
-    // Planned without the bits, so DEST without them counts as up to date.
-    let unset = if opts.keep_setuid {
-        Vec::new()
-    } else {
-        drop_root_setuid(&mut src_m)
-    };
     let scanned = start.elapsed();
     let plan_opts = PlanOptions {
         delete: opts.delete,
@@ -340,17 +415,14 @@ pub async fn mirror(
     })
 }
 
-/// Clears the [`root_setuid_bits`] of SRC's regular files; returns their paths.
-fn drop_root_setuid(src: &mut Manifest) -> Vec<RelPath> {
-    let mut unset = Vec::new();
-    for e in src.entries.iter_mut().filter(|e| e.kind == Kind::File) {
-        let bits = root_setuid_bits(e.meta.mode, e.meta.uid, e.meta.gid);
-        if bits != 0 {
-            e.meta.mode &= !bits;
-            unset.push(e.path.clone());
-        }
+/// Clears the [`root_setuid_bits`] of a SRC entry that is a regular file; true if it had any.
+fn drop_root_setuid(e: &mut Entry) -> bool {
+    let bits = root_setuid_bits(e.meta.mode, e.meta.uid, e.meta.gid);
+    if e.kind != Kind::File || bits == 0 {
+        return false;
     }
-    unset
+    e.meta.mode &= !bits;
+    true
 }
 
 /// What the receiver needs on DEST's file system at most: the files it is sent (each a

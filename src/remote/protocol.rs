@@ -22,10 +22,11 @@
 //! the stream, so `--tee-stream` writes them as they pass.
 
 use anyhow::{bail, Context, Result};
-use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::de::{DeserializeOwned, DeserializeSeed, EnumAccess, VariantAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
 use std::borrow::Cow;
 use std::io::{self, Read, Write};
+use std::marker::PhantomData;
 use std::net::IpAddr;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -251,12 +252,25 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
 
 /// Decodes a frame's body as it is decompressed, never holding it whole.
 fn decode_body<T: DeserializeOwned>(body: &[u8], limit: u64) -> Result<T> {
+    decode_body_seed(body, limit, PhantomData::<T>)
+}
+
+/// [`decode_body`] through a seed, which may hand on parts of the message as they come.
+fn decode_body_seed<T, S: for<'de> DeserializeSeed<'de, Value = T>>(
+    body: &[u8],
+    limit: u64,
+    seed: S,
+) -> Result<T> {
     let decoder =
         zstd::stream::read::Decoder::new(body).context("decompressing a protocol message")?;
     let mut bounded = Bounded::new(decoder, limit);
     let mut scratch = vec![0u8; SCRATCH];
     let reader = io::BufReader::with_capacity(64 << 10, &mut bounded);
-    let decoded = postcard::from_io((reader, &mut scratch[..])).map(|(value, _)| value);
+    let mut de = postcard::Deserializer::from_flavor(postcard::de_flavors::io::io::IOReader::new(
+        reader,
+        &mut scratch[..],
+    ));
+    let decoded = seed.deserialize(&mut de);
     if bounded.over {
         bail!("protocol message decodes to more than {limit} bytes; refused (the peer is not a relaymove agent of this version)");
     }
@@ -308,6 +322,31 @@ const DECODE_APART: u64 = 64 << 10;
 pub async fn read_frame_async<T: DeserializeOwned + Send + 'static>(
     r: &mut (impl AsyncRead + Unpin),
 ) -> Result<T> {
+    let body = read_body(r).await?;
+    if (body.len() as u64) < DECODE_APART {
+        return decode_body(&body, MAX_DECODED);
+    }
+    tokio::task::spawn_blocking(move || decode_body(&body, MAX_DECODED))
+        .await
+        .context("decoding a protocol message")?
+}
+
+/// [`read_frame_async`] through a seed (`Reply<Manifest>` through [`ReplySeed`] and
+/// `manifest::EachBatch`, so a manifest's entries are passed on as they are decoded).
+/// Always decoded on a blocking thread: a seed may wait on whoever it hands its parts to.
+pub async fn read_frame_seed_async<T, S>(r: &mut (impl AsyncRead + Unpin), seed: S) -> Result<T>
+where
+    T: Send + 'static,
+    S: for<'de> DeserializeSeed<'de, Value = T> + Send + 'static,
+{
+    let body = read_body(r).await?;
+    tokio::task::spawn_blocking(move || decode_body_seed(&body, MAX_DECODED, seed))
+        .await
+        .context("decoding a protocol message")?
+}
+
+/// A frame's length, then its (compressed) body.
+async fn read_body(r: &mut (impl AsyncRead + Unpin)) -> Result<Vec<u8>> {
     let mut len = [0u8; 8];
     r.read_exact(&mut len)
         .await
@@ -322,12 +361,35 @@ pub async fn read_frame_async<T: DeserializeOwned + Send + 'static>(
     if body.len() as u64 != len {
         bail!("input ended inside a protocol frame");
     }
-    if len < DECODE_APART {
-        return decode_body(&body, MAX_DECODED);
+    Ok(body)
+}
+
+/// Decodes a [`Reply`] whose answer goes through a seed.
+pub struct ReplySeed<S>(pub S);
+
+impl<'de, S: DeserializeSeed<'de>> DeserializeSeed<'de> for ReplySeed<S> {
+    type Value = Reply<S::Value>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        // `Result`'s own name and variants, as its derived decoding gives them.
+        d.deserialize_enum("Result", &["Ok", "Err"], self)
     }
-    tokio::task::spawn_blocking(move || decode_body(&body, MAX_DECODED))
-        .await
-        .context("decoding a protocol message")?
+}
+
+impl<'de, S: DeserializeSeed<'de>> Visitor<'de> for ReplySeed<S> {
+    type Value = Reply<S::Value>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an agent's reply")
+    }
+
+    fn visit_enum<A: EnumAccess<'de>>(self, data: A) -> Result<Self::Value, A::Error> {
+        match data.variant::<u32>()? {
+            (0, answer) => answer.newtype_variant_seed(self.0).map(Ok),
+            (1, error) => error.newtype_variant::<String>().map(Err),
+            (n, _) => Err(serde::de::Error::custom(format!("reply variant {n}"))),
+        }
+    }
 }
 
 pub async fn write_frame_async<T: Serialize>(
@@ -474,6 +536,60 @@ pub async fn read_chunk_async(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sync::manifest::{EachBatch, Entry, Kind, Manifest, Meta, Skipped};
+
+    /// What `Agent::scan_each` reads: the manifest an agent answers a scan with, its entries
+    /// handed over in order and in batches, everything else as decoded whole.
+    #[tokio::test]
+    async fn a_manifest_read_in_batches_is_the_manifest_sent() {
+        let entry = |i: usize| Entry {
+            path: format!("cur/{i}:2,S").as_bytes().into(),
+            kind: if i.is_multiple_of(7) {
+                Kind::Dir
+            } else {
+                Kind::File
+            },
+            size: i as u64,
+            meta: Meta {
+                mode: 0o600,
+                user: Some("vmail".into()),
+                mtime: i as i64,
+                ..Meta::default()
+            },
+            dev: 1,
+            ino: i as u64,
+            nlink: 1,
+            target: None,
+            hash: i.is_multiple_of(3).then(|| Box::new([i as u8; 32])),
+        };
+        let sent = Manifest {
+            root_exists: true,
+            entries: (0..2500).map(entry).collect(),
+            skipped: vec![Skipped {
+                path: b"sock".to_vec(),
+                reason: "socket".into(),
+            }],
+            leftovers: vec![b".relaymove-tmp.1".to_vec()],
+            ..Manifest::default()
+        };
+        let frame = encode(&Reply::Ok(sent.clone())).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let seed = ReplySeed(EachBatch(move |batch: Vec<Entry>| tx.send(batch).is_ok()));
+        let read = read_frame_seed_async(&mut &frame[..], seed)
+            .await
+            .unwrap()
+            .unwrap();
+        let batches: Vec<Vec<Entry>> = rx.into_iter().collect();
+        assert!(batches.len() > 1, "{} batches", batches.len());
+        let entries: Vec<Entry> = batches.into_iter().flatten().collect();
+        let wire = |m: &Manifest| postcard::to_stdvec(m).unwrap();
+        assert_eq!(wire(&Manifest { entries, ..read }), wire(&sent));
+
+        let failed = encode(&Reply::<Manifest>::Err("no such tree".into())).unwrap();
+        let seed = ReplySeed(EachBatch(|_: Vec<Entry>| true));
+        let read = read_frame_seed_async(&mut &failed[..], seed).await.unwrap();
+        assert_eq!(read.unwrap_err(), "no such tree");
+    }
 
     #[test]
     fn a_widened_pipe_holds_a_whole_chunk() {

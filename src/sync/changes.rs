@@ -206,6 +206,13 @@ impl Changes {
                 _ => changes.unchanged += 1,
             }
         }
+        // Settled entries (`sync::settle`) are unchanged by definition.
+        let settled = src.settled;
+        changes.scanned.files += settled.files;
+        changes.scanned.bytes += settled.bytes;
+        changes.scanned.symlinks += settled.symlinks;
+        changes.scanned.others += settled.fifos;
+        changes.unchanged += settled.entries();
         changes.scanned.others += src.skipped.len() as u64;
         changes.skipped = src.skipped.clone();
         changes.deleted = dest

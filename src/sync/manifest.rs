@@ -1,6 +1,7 @@
 //! What a scan of one tree produces: one [`Entry`] per file system object, with the metadata
 //! the mirror must reproduce. Plain data, no I/O; it travels between controller and agents.
 
+use serde::de::{DeserializeSeed, Error as _, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -338,6 +339,120 @@ pub struct Manifest {
     /// Temporary files a crashed receiver left behind; the next receive removes them.
     #[serde(with = "raw_path::list")]
     pub leftovers: Vec<Vec<u8>>,
+    /// Entries left out because the other tree has them exactly so (`sync::settle`): counted,
+    /// not listed. None in a manifest as scanned.
+    #[serde(skip)]
+    pub settled: Settled,
+}
+
+/// What a manifest's settled entries were (files, symlinks and fifos; never a directory).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settled {
+    pub files: u64,
+    /// Content bytes of the files.
+    pub bytes: u64,
+    pub symlinks: u64,
+    pub fifos: u64,
+}
+
+impl Settled {
+    pub fn entries(&self) -> u64 {
+        self.files + self.symlinks + self.fifos
+    }
+
+    pub fn add(&mut self, e: &Entry) {
+        match e.kind {
+            Kind::File => {
+                self.files += 1;
+                self.bytes += e.size;
+            }
+            Kind::Symlink => self.symlinks += 1,
+            Kind::Fifo => self.fifos += 1,
+            Kind::Dir => {}
+        }
+    }
+}
+
+/// Decodes a [`Manifest`] as its encoding arrives, handing the entries to `batch` a few
+/// thousand at a time instead of keeping them: the manifest it returns has none. `batch`
+/// returning false stops the decoding with an error.
+pub struct EachBatch<F>(pub F);
+
+/// Entries handed over at once: large enough that passing them costs nothing per entry,
+/// small enough to be nothing next to a tree.
+const BATCH: usize = 1024;
+
+impl<'de, F: FnMut(Vec<Entry>) -> bool> DeserializeSeed<'de> for EachBatch<F> {
+    type Value = Manifest;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Manifest, D::Error> {
+        // The fields in `Manifest`'s order, as its derived decoding reads them.
+        const FIELDS: &[&str] = &["root_exists", "entries", "skipped", "leftovers"];
+        d.deserialize_struct("Manifest", FIELDS, self)
+    }
+}
+
+impl<'de, F: FnMut(Vec<Entry>) -> bool> Visitor<'de> for EachBatch<F> {
+    type Value = Manifest;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a manifest")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Manifest, A::Error> {
+        let missing = || A::Error::custom("a manifest ended early");
+        let root_exists = seq.next_element()?.ok_or_else(missing)?;
+        seq.next_element_seed(Entries(self.0))?
+            .ok_or_else(missing)?;
+        let skipped = seq.next_element()?.ok_or_else(missing)?;
+        let Leftovers(leftovers) = seq.next_element()?.ok_or_else(missing)?;
+        Ok(Manifest {
+            root_exists,
+            entries: Vec::new(),
+            skipped,
+            leftovers,
+            settled: Settled::default(),
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(transparent)]
+struct Leftovers(#[serde(with = "raw_path::list")] Vec<Vec<u8>>);
+
+struct Entries<F>(F);
+
+impl<'de, F: FnMut(Vec<Entry>) -> bool> DeserializeSeed<'de> for Entries<F> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de, F: FnMut(Vec<Entry>) -> bool> Visitor<'de> for Entries<F> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a manifest's entries")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<(), A::Error> {
+        let stopped = || A::Error::custom("the reader of a manifest stopped");
+        let mut batch = Vec::with_capacity(BATCH);
+        while let Some(e) = seq.next_element()? {
+            batch.push(e);
+            if batch.len() == BATCH
+                && !(self.0)(std::mem::replace(&mut batch, Vec::with_capacity(BATCH)))
+            {
+                return Err(stopped());
+            }
+        }
+        if !batch.is_empty() && !(self.0)(batch) {
+            return Err(stopped());
+        }
+        Ok(())
+    }
 }
 
 /// A manifest's entries by path, for the plan's lookups. It holds entry numbers (4 bytes a

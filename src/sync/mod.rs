@@ -12,5 +12,6 @@ pub mod plan;
 pub mod receive;
 pub mod scan;
 pub mod send;
+pub mod settle;
 pub mod stream;
 pub mod verify;

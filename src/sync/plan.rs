@@ -131,6 +131,20 @@ pub(crate) fn meta_same(s: &Entry, d: &Entry) -> bool {
     mode_ok && s.meta.same_owner(&d.meta) && s.meta.same_mtime(&d.meta)
 }
 
+/// True when the plan does nothing with either entry of a SRC and DEST pair under one path,
+/// and nothing else in it looks either up: the same kind, not a directory (the plan
+/// restores a directory's metadata when its contents change), one name each (hard links are
+/// planned as groups), the same content by the plan's own test, the same metadata.
+pub(crate) fn settles(s: &Entry, d: &Entry, checksum: bool) -> bool {
+    let same_content = match s.kind {
+        Kind::File => content_same(s, d, checksum),
+        Kind::Symlink => s.target == d.target,
+        Kind::Fifo => true,
+        Kind::Dir => false,
+    };
+    s.kind == d.kind && s.nlink == 1 && d.nlink == 1 && same_content && meta_same(s, d)
+}
+
 fn parent(path: &[u8]) -> &[u8] {
     match path.iter().rposition(|&b| b == b'/') {
         Some(i) => &path[..i],
@@ -210,7 +224,9 @@ pub fn build(src: &Manifest, dest: &Manifest, opts: &PlanOptions) -> Result<Plan
         }
     }
     let leftovers: Vec<&[u8]> = dest.leftovers.iter().map(|p| p.as_slice()).collect();
-    let real_entries = |m: &Manifest| m.entries.iter().filter(|e| !e.path.is_empty()).count();
+    let real_entries = |m: &Manifest| {
+        m.entries.iter().filter(|e| !e.path.is_empty()).count() as u64 + m.settled.entries()
+    };
     if !doomed.is_empty() && real_entries(src) == 0 && !opts.allow_empty_source {
         bail!(
             "the source is empty but DEST is not; refusing to delete {} entries from DEST \
