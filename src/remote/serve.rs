@@ -6,20 +6,22 @@
 use crate::remote::direct::{self, Connection, KeyFiles, Listening};
 use crate::remote::protocol::{
     read_frame_opt, widen_pipe, write_frame, ChunkReader, ChunkWriter, DirectSend, Hashes, Hello,
-    ReceiveEvent, Reply, Request, Space, PROTOCOL,
+    ManifestFrame, ReceiveEvent, Reply, Request, Space, PROTOCOL,
 };
 use crate::sync::beneath::{validate, Tree};
 use crate::sync::compress::{Compression, LevelsTaken};
 use crate::sync::hash_cache::{hex, HashCache};
+use crate::sync::manifest::Manifest;
 use crate::sync::plan::{Plan, SendItem};
 use crate::sync::receive::{Durability, Receiver};
-use crate::sync::scan::{hash_path, scan, ScanOptions};
+use crate::sync::scan::{hash_path, scan_each, ScanOptions};
 use crate::sync::send::{send, SendOptions};
 use anyhow::{anyhow, bail, Context, Result};
 use nix::fcntl::{Flock, FlockArg};
 use sha2::Digest as _;
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
+use std::hash::BuildHasher;
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::DirBuilderExt;
@@ -48,15 +50,24 @@ pub fn serve() -> Result<i32> {
                 let root = path(&root);
                 let cache = caches.of(root);
                 let opts = ScanOptions { checksum, excludes };
-                let scanned = scan(root, &opts, cache)
-                    .with_context(|| format!("scanning {}", root.display()));
-                write_frame(&mut out, &scanned.as_ref().map_err(|e| format!("{e:#}")))?;
+                // The paths found, by hash: 8 bytes a path. Two paths with one hash only
+                // keep a stale cache entry, whose stamps then never match a file.
+                let hasher = foldhash::fast::FixedState::default();
+                let mut present = HashSet::new();
+                let mut frame = ManifestFrame::new()?;
+                let scanned = scan_each(root, &opts, cache, &mut |e| {
+                    present.insert(hasher.hash_one(&*e.path));
+                    frame.push(&e)
+                })
+                .with_context(|| format!("scanning {}", root.display()));
+                match &scanned {
+                    Ok(rest) => frame.write(&mut out, rest)?,
+                    Err(e) => write_frame(&mut out, &Reply::<Manifest>::Err(format!("{e:#}")))?,
+                }
                 // Once the controller has its answer: the cache forgets what the tree no
                 // longer has (reading all of it, 0.05 s on a 56k-file tree).
-                if let Ok(manifest) = &scanned {
-                    let present: HashSet<&[u8]> =
-                        manifest.entries.iter().map(|e| &e.path[..]).collect();
-                    cache.retain(|p| present.contains(p));
+                if scanned.is_ok() {
+                    cache.retain(|p| present.contains(&hasher.hash_one(p)));
                 }
             }
             Request::Hash { root, paths } => {

@@ -119,7 +119,9 @@ struct Walk<'a> {
     excludes: Excludes,
     cache: &'a mut HashCache,
     names: Names,
+    /// Everything but the entries, which go to `each` as they are found.
     manifest: Manifest,
+    each: &'a mut dyn FnMut(Entry) -> Result<()>,
 }
 
 impl Walk<'_> {
@@ -201,7 +203,7 @@ impl Walk<'_> {
             } else {
                 None
             };
-            self.push(&rel, kind, &st, target, hash);
+            self.push(&rel, kind, &st, target, hash)?;
             if kind == Kind::Dir {
                 let sub = match openat(dir, name, DIR_FLAGS, Mode::empty()) {
                     Ok(fd) => fd,
@@ -250,9 +252,9 @@ impl Walk<'_> {
         st: &FileStat,
         target: Option<Vec<u8>>,
         hash: Option<Digest>,
-    ) {
+    ) -> Result<()> {
         let meta = meta_of_stat(st, &mut self.names);
-        self.manifest.entries.push(Entry {
+        (self.each)(Entry {
             path: path.into(),
             kind,
             size: if kind == Kind::File {
@@ -266,11 +268,31 @@ impl Walk<'_> {
             nlink: u32::try_from(st.st_nlink).unwrap_or(u32::MAX),
             target: target.map(RelPath::from),
             hash: hash.map(Box::new),
-        });
+        })
     }
 }
 
+/// The manifest of the tree at `root`.
+#[cfg(test)]
 pub fn scan(root: &Path, opts: &ScanOptions, cache: &mut HashCache) -> Result<Manifest> {
+    let mut entries = Vec::new();
+    let mut m = scan_each(root, opts, cache, &mut |e| {
+        entries.push(e);
+        Ok(())
+    })?;
+    m.entries = entries;
+    Ok(m)
+}
+
+/// Scans the tree at `root`, handing each entry to `each` as it is found, in walk order
+/// (`settle::walk_order`); the manifest returned has everything else. An error from `each`
+/// ends the scan.
+pub fn scan_each(
+    root: &Path,
+    opts: &ScanOptions,
+    cache: &mut HashCache,
+    each: &mut dyn FnMut(Entry) -> Result<()>,
+) -> Result<Manifest> {
     let excludes = Excludes::new(&opts.excludes)?;
     // The root is followed when it is a symlink: it names the tree, the user chose it.
     let root_fd = match openat(
@@ -298,8 +320,9 @@ pub fn scan(root: &Path, opts: &ScanOptions, cache: &mut HashCache) -> Result<Ma
             root_exists: true,
             ..Manifest::default()
         },
+        each,
     };
-    walk.push(b"", Kind::Dir, &st, None, None);
+    walk.push(b"", Kind::Dir, &st, None, None)?;
     walk.dir(&root_fd, b"")?;
     Ok(walk.manifest)
 }
