@@ -256,38 +256,56 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
 /// frames, which a decoder reads as one stream: the reply up to the number of entries (known
 /// only at the end), the entries, and the rest of the manifest.
 pub struct ManifestFrame {
-    entries: io::BufWriter<Bounded<zstd::Encoder<'static, Vec<u8>>>>,
+    entries: Bounded<zstd::Encoder<'static, Vec<u8>>>,
+    /// Entries encoded, not yet compressed: the compressor gets them in large writes. (Each
+    /// entry through `postcard::to_io` flushed the compressor, one block an entry: 0.4 s of
+    /// CPU for 56k entries, and twice the bytes.)
+    pending: Vec<u8>,
     count: u64,
 }
+
+/// How much of encoded entries [`ManifestFrame`] compresses at once.
+const PENDING: usize = 64 << 10;
 
 impl ManifestFrame {
     pub fn new() -> Result<ManifestFrame> {
         let encoder =
             zstd::Encoder::new(Vec::new(), 1).context("compressing a protocol message")?;
         Ok(ManifestFrame {
-            entries: io::BufWriter::with_capacity(64 << 10, Bounded::new(encoder, MAX_DECODED)),
+            entries: Bounded::new(encoder, MAX_DECODED),
+            pending: Vec::with_capacity(PENDING + 4096),
             count: 0,
         })
     }
 
     pub fn push(&mut self, e: &Entry) -> Result<()> {
-        if let Err(e) = postcard::to_io(e, &mut self.entries) {
-            if self.entries.get_ref().over {
+        self.pending = postcard::to_extend(e, std::mem::take(&mut self.pending))
+            .context("encoding a manifest")?;
+        self.count += 1;
+        if self.pending.len() >= PENDING {
+            self.compress()?;
+        }
+        Ok(())
+    }
+
+    fn compress(&mut self) -> Result<()> {
+        if let Err(e) = self.entries.write_all(&self.pending) {
+            if self.entries.over {
                 bail!("the manifest is larger than the {MAX_DECODED} bytes the controller accepts; sync the tree in parts");
             }
-            return Err(e).context("encoding a manifest");
+            return Err(e).context("compressing a manifest");
         }
-        self.count += 1;
+        self.pending.clear();
         Ok(())
     }
 
     /// Writes the frame: the entries pushed, and of `rest` everything but its entries.
-    pub fn write(self, w: &mut impl Write, rest: &Manifest) -> Result<()> {
+    pub fn write(mut self, w: &mut impl Write, rest: &Manifest) -> Result<()> {
+        self.compress()?;
         let entries = self
             .entries
-            .into_inner()
-            .map_err(|e| e.into_error())
-            .and_then(|bounded| bounded.inner.finish())
+            .inner
+            .finish()
             .context("compressing a manifest")?;
         /// `Reply::Ok`'s variant and `Manifest`'s fields, as their derived encodings write
         /// them; a length is a varint either way.
