@@ -1,7 +1,8 @@
-//! One mirror of a tree from one agent to another: scan both sides, hash rename candidates,
-//! plan, then stream the plan's files from the sender's agent to the receiver's: directly
-//! between the hosts over a one-time SSH key (`Route::Direct`, see `remote::direct`), or
-//! relayed through this process (`Route::Controller`: no host-to-host SSH at all).
+//! One mirror of a tree from one agent to another: scan both sides (settling what they have
+//! alike as the scans arrive, `sync::settle`), hash rename candidates, plan, then stream the
+//! plan's files from the sender's agent to the receiver's: directly between the hosts over a
+//! one-time SSH key (`Route::Direct`, see `remote::direct`), or relayed through this process
+//! (`Route::Controller`: no host-to-host SSH at all).
 //!
 //! It takes running agents, not endpoints, so one agent session per host serves every tree of
 //! a migration step. It prints nothing: the caller renders the outcome and owns the progress

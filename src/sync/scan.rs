@@ -1,6 +1,8 @@
-//! Walks one tree into a [`Manifest`]: every entry's type, size, mode, owner (number and name
-//! on this host), mtime to the nanosecond, inode identity and symlink target, never following
-//! symlinks. Hashes come from the [`HashCache`] when its stamps match, else from reading.
+//! Walks one tree: every entry's type, size, mode, owner (number and name on this host), mtime
+//! to the nanosecond, inode identity and symlink target, never following symlinks, handed on
+//! in walk order as it is found (the agent encodes each into its answer at once), and a
+//! [`Manifest`] of the rest. Hashes come from the [`HashCache`] when its stamps match, else
+//! from reading.
 //!
 //! A scan error on any path fails the scan: a partial SRC manifest would make the mirror
 //! delete what it could not see.
