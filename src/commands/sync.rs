@@ -326,6 +326,8 @@ async fn sync(cmd: SyncCmd, src_ep: Endpoint, dest_ep: Endpoint) -> Result<i32> 
         keep_setuid: cmd.keep_setuid,
         route,
         bwlimit: cmd.bwlimit,
+        // A second sync into the same DEST is told at once.
+        lock_wait: std::time::Duration::ZERO,
     };
     let agents_started = start.elapsed();
     let mirrored = tokio::select! {

@@ -205,6 +205,7 @@ async fn sync_back(cx: &mut Cx) -> Result<Value> {
         delete: true,
         progress: cx.options.progress && !cx.out.json(),
         route: cx.route(false).await,
+        lock_wait: super::trees::LOCK_WAIT,
         ..MirrorOptions::default()
     };
     let files = back(cx, &mail_root, &opts).await?;

@@ -38,6 +38,13 @@ pub async fn present_trees(cx: &Cx) -> Result<Vec<Tree>> {
     Ok(out)
 }
 
+/// How long a migration waits for a tree's lock that another relaymove holds. Old's migration
+/// lock keeps out every other controller of this migration, so the holder is most likely an
+/// agent of an earlier run whose connection broke (a cut link): it ends, and its lock with
+/// it, once its SSH session does, seconds after the link is back (the lab's cut-link
+/// scenario: a resume started at once met that agent still holding new's mailboxes).
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(90);
+
 /// Old → new: the presync at the configured bandwidth limit, the final sync at full speed.
 async fn options(cx: &Cx, step: StepId, excludes: Vec<String>) -> MirrorOptions {
     MirrorOptions {
@@ -54,6 +61,7 @@ async fn options(cx: &Cx, step: StepId, excludes: Vec<String>) -> MirrorOptions 
         dry_run: false,
         tee_stream: None,
         progress: cx.options.progress && !cx.out.json(),
+        lock_wait: LOCK_WAIT,
         ..MirrorOptions::default()
     }
 }

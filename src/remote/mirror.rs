@@ -64,6 +64,9 @@ pub struct MirrorOptions {
     pub route: Route,
     /// Stream bytes a second at most (the sender waits).
     pub bwlimit: Option<u64>,
+    /// How long DEST's lock, held by another relaymove, is waited for before the mirror
+    /// fails. Zero for `sync`: a second sync is told at once.
+    pub lock_wait: Duration,
 }
 
 /// The stream's way from sender to receiver.
@@ -95,6 +98,7 @@ impl Default for MirrorOptions {
             keep_setuid: false,
             route: Route::Controller,
             bwlimit: None,
+            lock_wait: Duration::ZERO,
         }
     }
 }
@@ -303,6 +307,7 @@ pub async fn mirror(
     if !opts.dry_run {
         let lock = Request::LockTree {
             root: root_bytes(dest.root),
+            wait_s: u32::try_from(opts.lock_wait.as_secs()).unwrap_or(u32::MAX),
         };
         call_within::<()>(dest.agent, &lock, limit, &format!("locking {dest_what}"))
             .await

@@ -57,7 +57,7 @@ pub fn widen_pipe(fd: impl std::os::fd::AsFd) {
 }
 
 /// Changes whenever a message changes shape; the agent's file name pins the exact build.
-pub const PROTOCOL: u32 = 8;
+pub const PROTOCOL: u32 = 9;
 
 /// The agent's first frame: proof it started and speaks this protocol.
 #[derive(Serialize, Deserialize, Debug)]
@@ -123,9 +123,10 @@ pub enum Request<'a> {
     Priority { low: bool },
     /// Free space of the file system that holds `root` (or its nearest existing ancestor).
     Space { root: Vec<u8> },
-    /// Lock the tree at `root` for this agent's session (a file per tree under /run);
-    /// answered with `Reply<()>`, an error naming the holder's pid when another has it.
-    LockTree { root: Vec<u8> },
+    /// Lock the tree at `root` for this agent's session (a file per tree under /run),
+    /// waiting up to `wait_s` seconds while another process holds it; answered with
+    /// `Reply<()>`, an error naming the holder's pid when another still has it.
+    LockTree { root: Vec<u8>, wait_s: u32 },
     /// Take an exclusive lock on a file of the host and hold it while the agent runs;
     /// answered with `Reply<()>`, an error naming the holder when another process has it.
     Lock { path: Vec<u8> },

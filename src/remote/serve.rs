@@ -130,8 +130,9 @@ pub fn serve() -> Result<i32> {
                 let locked = held.migration(path(&file));
                 write_frame(&mut out, &text(locked))?;
             }
-            Request::LockTree { root } => {
-                write_frame(&mut out, &text(held.tree(path(&root))))?;
+            Request::LockTree { root, wait_s } => {
+                let wait = std::time::Duration::from_secs(wait_s.into());
+                write_frame(&mut out, &text(held.tree(path(&root), wait)))?;
             }
             Request::Space { root } => {
                 write_frame(&mut out, &text(space(path(&root))))?;
@@ -422,24 +423,35 @@ impl Held {
 
     /// The lock of one receiving tree: two receivers in one DEST would each remove the
     /// other's temporary files as leftovers. Again for the same tree in this session, it is
-    /// already held.
-    fn tree(&mut self, root: &Path) -> Result<()> {
+    /// already held. Held by another process, it is tried again for up to `wait`.
+    fn tree(&mut self, root: &Path, wait: std::time::Duration) -> Result<()> {
         let file = tree_lock_file(root)?;
         if self.0.contains_key(&file) {
             return Ok(());
         }
-        match lock(&file)? {
-            Ok(l) => {
-                self.0.insert(file, l);
-                Ok(())
+        let start = std::time::Instant::now();
+        loop {
+            match lock(&file)? {
+                Ok(l) => {
+                    self.0.insert(file, l);
+                    return Ok(());
+                }
+                Err(_) if start.elapsed() < wait => {
+                    std::thread::sleep(std::time::Duration::from_millis(250))
+                }
+                Err(pid) => bail!(
+                    "DEST {} is in use by another relaymove (agent pid {pid}, lock {}{}); two syncs into one DEST \
+                     would undo each other's work; nothing was changed\nhint: wait for the other sync to finish, or \
+                     end it (`kill {pid}` on this host ends its agent, and the lock with it)",
+                    root.display(),
+                    file.display(),
+                    if wait.is_zero() {
+                        String::new()
+                    } else {
+                        format!(", held throughout the {} s waited", wait.as_secs())
+                    }
+                ),
             }
-            Err(pid) => bail!(
-                "DEST {} is in use by another relaymove (agent pid {pid}, lock {}); two syncs into one DEST would \
-                 undo each other's work; nothing was changed\nhint: wait for the other sync to finish, or end it \
-                 (`kill {pid}` on this host ends its agent, and the lock with it)",
-                root.display(),
-                file.display()
-            ),
         }
     }
 }
@@ -583,6 +595,41 @@ fn do_receive(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tree_lock_another_process_holds_is_refused_at_once_or_taken_when_it_goes() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("dest");
+        let file = tree_lock_file(&root).unwrap();
+        // Another open file of the lock: to flock, another holder.
+        let holder = lock(&file).unwrap().unwrap();
+        let e = Held::default()
+            .tree(&root, std::time::Duration::ZERO)
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("is in use by another relaymove"),
+            "{e}"
+        );
+        let e = Held::default()
+            .tree(&root, std::time::Duration::from_millis(600))
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("held throughout the 0 s waited"),
+            "{e}"
+        );
+        // An earlier run's agent whose session ends while this one waits.
+        let released = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(700));
+            drop(holder);
+        });
+        let start = std::time::Instant::now();
+        let mut held = Held::default();
+        held.tree(&root, std::time::Duration::from_secs(30))
+            .unwrap();
+        assert!(start.elapsed() >= std::time::Duration::from_millis(600));
+        released.join().unwrap();
+        assert!(lock(&file).unwrap().is_err(), "the waiter holds the lock");
+    }
 
     #[test]
     fn a_throttled_stream_takes_at_least_its_size_over_the_rate() {
