@@ -151,16 +151,6 @@ pub async fn scan_both(
     checksum: bool,
     excludes: &[String],
 ) -> Result<(Manifest, Manifest)> {
-    scan_both_within(src, dest, checksum, excludes, None).await
-}
-
-async fn scan_both_within(
-    src: &mut Side<'_>,
-    dest: &mut Side<'_>,
-    checksum: bool,
-    excludes: &[String],
-    limit: Option<Duration>,
-) -> Result<(Manifest, Manifest)> {
     let scan = |root: &Path| Request::Scan {
         root: root_bytes(root),
         checksum,
@@ -168,13 +158,9 @@ async fn scan_both_within(
     };
     let (src_scan, dest_scan) = (scan(src.root), scan(dest.root));
     let (src_what, dest_what) = (describe(src), describe(dest));
-    let (src_phase, dest_phase) = (
-        format!("scanning {src_what}"),
-        format!("scanning {dest_what}"),
-    );
     let (s, d) = tokio::join!(
-        call_within::<Manifest>(src.agent, &src_scan, limit, &src_phase),
-        call_within::<Manifest>(dest.agent, &dest_scan, limit, &dest_phase)
+        src.agent.call::<Manifest>(&src_scan),
+        dest.agent.call::<Manifest>(&dest_scan)
     );
     Ok((
         s.with_context(|| format!("scanning {src_what}"))?,
