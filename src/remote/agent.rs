@@ -694,6 +694,8 @@ pub struct Agent {
     process: AgentProcess,
     /// Stopped by `abort`: how it ends is not news.
     aborted: bool,
+    /// The encoded request sent by [`Agent::ask_ahead`], until the call that makes it.
+    asked_ahead: Option<Vec<u8>>,
 }
 
 impl Agent {
@@ -711,6 +713,7 @@ impl Agent {
                         output,
                         process,
                         aborted: false,
+                        asked_ahead: None,
                     });
                 }
                 Ok(hello) => bail!(
@@ -755,12 +758,74 @@ impl Agent {
             .with_context(|| format!("sending a request to the agent on {}", self.process.label))
     }
 
+    /// Sends `request` before its turn: the call that makes the same request later reads
+    /// its answer instead of sending it again. With [`Agent::read_ahead`] the agent then works
+    /// while this process still waits for something else.
+    pub async fn ask_ahead(
+        &mut self,
+        request: &crate::remote::protocol::Request<'_>,
+    ) -> Result<()> {
+        self.send(request).await?;
+        self.asked_ahead = Some(crate::remote::protocol::encode(request)?);
+        Ok(())
+    }
+
+    /// Sends `request` unless [`Agent::ask_ahead`] sent it already.
+    async fn ask(&mut self, request: &crate::remote::protocol::Request<'_>) -> Result<()> {
+        let Some(ahead) = self.asked_ahead.take() else {
+            return self.send(request).await;
+        };
+        if ahead != crate::remote::protocol::encode(request)? {
+            bail!(
+                "bug: the agent on {} was asked ahead for something else than what is now asked",
+                self.process.label
+            );
+        }
+        Ok(())
+    }
+
+    /// Reads what the agent answers into memory, up to `limit` bytes, while `until` runs:
+    /// an agent [asked ahead](Agent::ask_ahead) then keeps working instead of stopping at a
+    /// full pipe. The answers are read later as if they had just arrived.
+    pub async fn read_ahead<T>(
+        &mut self,
+        until: impl std::future::Future<Output = T>,
+        limit: usize,
+    ) -> T {
+        let mut until = std::pin::pin!(until);
+        let mut ahead = ReadAhead::default();
+        let mut piece = vec![0; READ_AHEAD_PIECE];
+        let mut held = 0;
+        let done = loop {
+            let reading = ahead.failed.is_none() && !ahead.ended && held < limit;
+            tokio::select! {
+                done = &mut until => break done,
+                n = self.output.read(&mut piece), if reading => match n {
+                    Ok(0) => ahead.ended = true,
+                    Ok(n) => {
+                        held += n;
+                        ahead.pieces.push_back(piece[..n].to_vec());
+                    }
+                    Err(e) => ahead.failed = Some(e),
+                },
+            }
+        };
+        if held > 0 || ahead.failed.is_some() {
+            ahead.rest = Some(std::mem::replace(
+                &mut self.output,
+                Box::pin(tokio::io::empty()),
+            ));
+            self.output = Box::pin(ahead);
+        }
+        done
+    }
+
     /// Sends a request and reads its one-frame answer.
     pub async fn call<T: serde::de::DeserializeOwned + Send + 'static>(
         &mut self,
         request: &crate::remote::protocol::Request<'_>,
     ) -> Result<T> {
-        self.send(request).await?;
+        self.ask(request).await?;
         let reply: crate::remote::protocol::Reply<T> =
             crate::remote::protocol::read_frame_async(&mut self.output)
                 .await
@@ -778,7 +843,7 @@ impl Agent {
         batch: impl FnMut(Vec<crate::sync::manifest::Entry>) -> bool + Send + 'static,
     ) -> Result<crate::sync::manifest::Manifest> {
         use crate::remote::protocol::{read_frame_seed_async, ReplySeed};
-        self.send(request).await?;
+        self.ask(request).await?;
         let seed = ReplySeed(crate::sync::manifest::EachBatch(batch));
         let reply = read_frame_seed_async(&mut self.output, seed)
             .await
@@ -809,10 +874,55 @@ impl Agent {
         // EPIPE and exits instead of waiting forever.
         self.output = Box::pin(tokio::io::empty());
         let label = self.process.label.clone();
+        // Asked ahead and never read, an answer ends in a broken pipe: not the agent's failure.
+        let unread = self.asked_ahead.is_some();
         // An agent saves its hash caches as it ends: a few seconds for a million files.
         match tokio::time::timeout(Duration::from_secs(120), self.process.finish()).await {
+            Ok(_) if unread => Ok(()),
             Ok(r) => r,
             Err(_) => bail!("the agent on {label} did not exit"),
+        }
+    }
+}
+
+/// How much [`Agent::read_ahead`] asks for at a time: a full pipe.
+const READ_AHEAD_PIECE: usize = 64 << 10;
+
+/// An agent's output with what [`Agent::read_ahead`] read first: its pieces, each freed once
+/// read, then the error or end it met, then the rest of the output.
+#[derive(Default)]
+struct ReadAhead {
+    pieces: std::collections::VecDeque<Vec<u8>>,
+    at: usize,
+    failed: Option<std::io::Error>,
+    ended: bool,
+    rest: Option<Pin<Box<dyn AsyncRead + Send>>>,
+}
+
+impl AsyncRead for ReadAhead {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if let Some(front) = this.pieces.front() {
+            let n = (front.len() - this.at).min(buf.remaining());
+            buf.put_slice(&front[this.at..this.at + n]);
+            this.at += n;
+            if this.at == front.len() {
+                this.pieces.pop_front();
+                this.at = 0;
+            }
+            return std::task::Poll::Ready(Ok(()));
+        }
+        if let Some(e) = this.failed.take() {
+            this.ended = true;
+            return std::task::Poll::Ready(Err(e));
+        }
+        match (&mut this.rest, this.ended) {
+            (Some(rest), false) => rest.as_mut().poll_read(cx, buf),
+            _ => std::task::Poll::Ready(Ok(())),
         }
     }
 }
@@ -908,6 +1018,31 @@ mod tests {
         let said = text(&out.stdout);
         let line = said.lines().find_map(|l| l.strip_prefix("ciphers "));
         Some(line.expect("ssh -G prints ciphers").to_string())
+    }
+
+    #[tokio::test]
+    async fn what_was_read_ahead_comes_first_then_the_error_it_met_and_nothing_after() {
+        let mut ahead = ReadAhead::default();
+        ahead.pieces.extend([b"ab".to_vec(), b"cde".to_vec()]);
+        ahead.rest = Some(Box::pin(&b"fg"[..]));
+        let mut out = Vec::new();
+        ahead.read_to_end(&mut out).await.unwrap();
+        assert_eq!(out, b"abcdefg");
+
+        let mut cut = ReadAhead {
+            failed: Some(std::io::Error::other("connection reset")),
+            rest: Some(Box::pin(&b"never read"[..])),
+            ..ReadAhead::default()
+        };
+        cut.pieces.push_back(b"ab".to_vec());
+        let mut out = vec![0; 2];
+        cut.read_exact(&mut out).await.unwrap();
+        assert_eq!(out, b"ab");
+        let e = cut.read_to_end(&mut out).await.unwrap_err();
+        assert_eq!(e.to_string(), "connection reset");
+        let mut after = Vec::new();
+        cut.read_to_end(&mut after).await.unwrap();
+        assert!(after.is_empty(), "the output after the error was read");
     }
 
     #[test]

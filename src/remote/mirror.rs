@@ -144,6 +144,16 @@ pub fn describe(side: &Side<'_>) -> String {
     format!("{}:{}", side.agent.label(), side.root.display())
 }
 
+/// The request for a scan of `root`: a caller that asks for SRC's scan ahead
+/// ([`Agent::ask_ahead`]) makes it here too, so that the mirror's own is the same.
+pub fn scan_request(root: &Path, checksum: bool, excludes: &[String]) -> Request<'static> {
+    Request::Scan {
+        root: root_bytes(root),
+        checksum,
+        excludes: excludes.to_vec(),
+    }
+}
+
 /// Scans both roots in parallel; the manifests come back as each agent saw them.
 pub async fn scan_both(
     src: &mut Side<'_>,
@@ -151,12 +161,10 @@ pub async fn scan_both(
     checksum: bool,
     excludes: &[String],
 ) -> Result<(Manifest, Manifest)> {
-    let scan = |root: &Path| Request::Scan {
-        root: root_bytes(root),
-        checksum,
-        excludes: excludes.to_vec(),
-    };
-    let (src_scan, dest_scan) = (scan(src.root), scan(dest.root));
+    let (src_scan, dest_scan) = (
+        scan_request(src.root, checksum, excludes),
+        scan_request(dest.root, checksum, excludes),
+    );
     let (src_what, dest_what) = (describe(src), describe(dest));
     let (s, d) = tokio::join!(
         src.agent.call::<Manifest>(&src_scan),
@@ -212,12 +220,10 @@ async fn scan_settled(
     opts: &MirrorOptions,
     limit: Option<Duration>,
 ) -> Result<(Manifest, Manifest, Vec<RelPath>)> {
-    let scan = |root: &Path| Request::Scan {
-        root: root_bytes(root),
-        checksum: opts.checksum,
-        excludes: opts.excludes.clone(),
-    };
-    let (src_scan, dest_scan) = (scan(src.root), scan(dest.root));
+    let (src_scan, dest_scan) = (
+        scan_request(src.root, opts.checksum, &opts.excludes),
+        scan_request(dest.root, opts.checksum, &opts.excludes),
+    );
     let (src_what, dest_what) = (describe(src), describe(dest));
     let (src_phase, dest_phase) = (
         format!("scanning {src_what}"),
