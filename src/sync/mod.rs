@@ -7,6 +7,7 @@ pub mod changes;
 pub mod compress;
 pub mod filter;
 pub mod hash_cache;
+pub mod lister;
 pub mod manifest;
 pub mod plan;
 pub mod receive;

@@ -10,14 +10,12 @@
 use crate::sync::beneath::Tree;
 use crate::sync::filter::Excludes;
 use crate::sync::hash_cache::{HashCache, Stamp};
-use crate::sync::manifest::{
-    Digest, Entry, Kind, Manifest, Meta, Name, RelPath, Skipped, TEMP_PREFIX,
-};
+use crate::sync::lister::{Child, Listed, Lister, LISTERS};
+use crate::sync::manifest::{Digest, Entry, Kind, Manifest, Meta, Name, RelPath, Skipped};
 use anyhow::{bail, Context, Result};
-use nix::dir::Dir;
 use nix::errno::Errno;
-use nix::fcntl::{openat, readlinkat, AtFlags, OFlag};
-use nix::sys::stat::{fstat, fstatat, FileStat, Mode, SFlag};
+use nix::fcntl::{openat, OFlag};
+use nix::sys::stat::{fstat, FileStat, Mode, SFlag};
 use nix::unistd::{Gid, Group, Uid, User};
 use sha2::{Digest as _, Sha256};
 use std::cell::RefCell;
@@ -29,6 +27,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+use std::sync::Arc;
 
 #[derive(Debug, Default, Clone)]
 pub struct ScanOptions {
@@ -107,18 +106,12 @@ pub fn stamp_of_stat(st: &FileStat) -> Stamp {
     }
 }
 
-const DIR_FLAGS: OFlag = OFlag::O_RDONLY
-    .union(OFlag::O_DIRECTORY)
-    .union(OFlag::O_NOFOLLOW)
-    .union(OFlag::O_CLOEXEC);
-
 /// Walks the tree with directory handles: each entry is stat'ed relative to its open
 /// directory (no path lookup from the root for every file), names sorted per directory,
 /// a directory always before its contents.
 struct Walk<'a> {
     root: &'a Path,
     opts: &'a ScanOptions,
-    excludes: Excludes,
     cache: &'a mut HashCache,
     names: Names,
     /// Everything but the entries, which go to `each` as they are found.
@@ -131,34 +124,25 @@ impl Walk<'_> {
         self.root.join(OsStr::from_bytes(rel)).display().to_string()
     }
 
-    fn dir(&mut self, dir: &OwnedFd, prefix: &[u8]) -> Result<()> {
-        let listing = Dir::from_fd(dir.try_clone()?)
-            .with_context(|| format!("reading directory {}", self.show(prefix)))?;
-        let mut children: Vec<Vec<u8>> = Vec::new();
-        for entry in listing.into_iter() {
-            let entry =
-                entry.with_context(|| format!("reading directory {}", self.show(prefix)))?;
-            let name = entry.file_name().to_bytes();
-            if name != b"." && name != b".." {
-                children.push(name.to_vec());
+    fn dir(&mut self, lister: &Lister, prefix: &[u8]) -> Result<()> {
+        let (dir, children) = match lister.take(prefix) {
+            Listed::Children { fd, children } => (fd, children),
+            // Deleted between its parent's listing and its own on a live tree: not an error.
+            Listed::Gone => return Ok(()),
+            Listed::Failed(what, e) => {
+                return Err(e).with_context(|| format!("{what} {}", self.show(prefix)))
             }
-        }
-        children.sort_unstable();
-        for name in children {
-            let mut rel = prefix.to_vec();
-            if !rel.is_empty() {
-                rel.push(b'/');
-            }
-            rel.extend_from_slice(&name);
-            if self.excludes.is_excluded(&rel) {
-                continue;
-            }
-            if name.starts_with(TEMP_PREFIX) {
-                self.manifest.leftovers.push(rel);
-                continue;
-            }
-            let name = OsStr::from_bytes(&name);
-            let st = match fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        };
+        for child in children {
+            let (name, stat, target) = match child {
+                Child::Leftover(name) => {
+                    self.manifest.leftovers.push(joined(prefix, &name));
+                    continue;
+                }
+                Child::Found { name, stat, target } => (name, stat, target),
+            };
+            let rel = joined(prefix, &name);
+            let st = match stat {
                 Ok(st) => st,
                 // Deleted between readdir and stat on a live tree: not an error.
                 Err(Errno::ENOENT) => continue,
@@ -183,19 +167,17 @@ impl Walk<'_> {
                     continue;
                 }
             };
-            let target = if kind == Kind::Symlink {
-                match readlinkat(dir, name) {
-                    Ok(t) => Some(t.as_bytes().to_vec()),
-                    Err(Errno::ENOENT) => continue,
-                    Err(e) => {
-                        return Err(e).with_context(|| format!("reading link {}", self.show(&rel)))
-                    }
+            let target = match target {
+                Some(Ok(t)) => Some(t),
+                None => None,
+                Some(Err(Errno::ENOENT)) => continue,
+                Some(Err(e)) => {
+                    return Err(e).with_context(|| format!("reading link {}", self.show(&rel)))
                 }
-            } else {
-                None
             };
             let hash = if kind == Kind::File && self.opts.checksum {
-                match self.hash_at(dir, name, &rel, &st) {
+                let name = OsStr::from_bytes(&name);
+                match self.hash_at(&dir, name, &rel, &st) {
                     Ok(h) => Some(h),
                     Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                     Err(e) => {
@@ -207,14 +189,7 @@ impl Walk<'_> {
             };
             self.push(&rel, kind, &st, target, hash)?;
             if kind == Kind::Dir {
-                let sub = match openat(dir, name, DIR_FLAGS, Mode::empty()) {
-                    Ok(fd) => fd,
-                    Err(Errno::ENOENT) => continue,
-                    Err(e) => {
-                        return Err(e).with_context(|| format!("opening {}", self.show(&rel)))
-                    }
-                };
-                self.dir(&sub, &rel)?;
+                self.dir(lister, &rel)?;
             }
         }
         Ok(())
@@ -315,7 +290,6 @@ pub fn scan_each(
     let mut walk = Walk {
         root,
         opts,
-        excludes,
         cache,
         names: Names::default(),
         manifest: Manifest {
@@ -325,8 +299,27 @@ pub fn scan_each(
         each,
     };
     walk.push(b"", Kind::Dir, &st, None, None)?;
-    walk.dir(&root_fd, b"")?;
+    let lister = Lister::new(Arc::new(root_fd), excludes);
+    std::thread::scope(|s| {
+        for _ in 0..LISTERS {
+            s.spawn(|| lister.work());
+        }
+        let walked = walk.dir(&lister, b"");
+        lister.stop();
+        walked
+    })?;
     Ok(walk.manifest)
+}
+
+/// `prefix/name`, or `name` at the root.
+fn joined(prefix: &[u8], name: &[u8]) -> Vec<u8> {
+    let mut rel = Vec::with_capacity(prefix.len() + 1 + name.len());
+    rel.extend_from_slice(prefix);
+    if !rel.is_empty() {
+        rel.push(b'/');
+    }
+    rel.extend_from_slice(name);
+    rel
 }
 
 /// The hash of regular file `rel` in `tree`, from the cache when its stamps match, else by

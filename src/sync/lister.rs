@@ -1,0 +1,367 @@
+//! Lists a tree's directories on threads of their own, ahead of the walk (`scan`), which takes
+//! each listing in walk order: a directory's children sorted by name, each stat'ed, symlinks
+//! read. On a cold cache every listing waits on the disk, and several wait at once: `find`
+//! over a 56k-file Maildir tree took 0.82 s, four of them over its quarters 0.42 s; with a
+//! warm cache, 0.30 s and 0.18 s (2 cores).
+//!
+//! The listers take the directory the walk needs soonest first, and stop when the walk is a
+//! window of listings behind, so memory stays bounded whatever the tree's size.
+
+use crate::sync::filter::Excludes;
+use crate::sync::manifest::TEMP_PREFIX;
+use crate::sync::settle::walk_order;
+use nix::dir::Dir;
+use nix::errno::Errno;
+use nix::fcntl::{openat, readlinkat, AtFlags, OFlag};
+use nix::sys::stat::{fstatat, FileStat, Mode, SFlag};
+use std::cmp::Ordering;
+use std::collections::{BinaryHeap, HashMap};
+use std::ffi::OsStr;
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+const DIR_FLAGS: OFlag = OFlag::O_RDONLY
+    .union(OFlag::O_DIRECTORY)
+    .union(OFlag::O_NOFOLLOW)
+    .union(OFlag::O_CLOEXEC);
+
+/// Listing threads per tree.
+pub const LISTERS: usize = 4;
+/// Listings done ahead of the walk, at most: in directories and in entries.
+const AHEAD_DIRS: usize = 256;
+const AHEAD_ENTRIES: usize = 16 * 1024;
+
+/// One directory, as a lister found it.
+pub enum Listed {
+    /// Gone between its parent's listing and its own (a live tree): not an error.
+    Gone,
+    /// What failed ("opening", "reading directory") and why.
+    Failed(&'static str, Errno),
+    Children {
+        /// The directory, open: for reading its files' content (`--checksum`).
+        fd: Arc<OwnedFd>,
+        children: Vec<Child>,
+    },
+}
+
+/// A name in a listed directory, excluded names left out.
+pub enum Child {
+    /// A crash leftover of an earlier run (`TEMP_PREFIX`): neither stat'ed nor walked.
+    Leftover(Vec<u8>),
+    Found {
+        name: Vec<u8>,
+        /// `ENOENT`: deleted between the listing and the stat.
+        stat: Result<FileStat, Errno>,
+        /// A symlink's target.
+        target: Option<Result<Vec<u8>, Errno>>,
+    },
+}
+
+/// A directory to list: `name` in `parent`, at `rel` in the tree.
+struct Job {
+    rel: Vec<u8>,
+    parent: Arc<OwnedFd>,
+    name: Vec<u8>,
+}
+
+// The heap's greatest is the directory the walk reaches first.
+impl Ord for Job {
+    fn cmp(&self, other: &Job) -> Ordering {
+        walk_order(&other.rel, &self.rel)
+    }
+}
+impl PartialOrd for Job {
+    fn partial_cmp(&self, other: &Job) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl PartialEq for Job {
+    fn eq(&self, other: &Job) -> bool {
+        self.rel == other.rel
+    }
+}
+impl Eq for Job {}
+
+#[derive(Default)]
+struct State {
+    jobs: BinaryHeap<Job>,
+    ready: HashMap<Vec<u8>, Listed>,
+    /// Entries in `ready`.
+    ready_entries: usize,
+    /// What the walk waits for: listed even when the window is full.
+    awaited: Option<Vec<u8>>,
+    stop: bool,
+}
+
+pub struct Lister {
+    excludes: Excludes,
+    state: Mutex<State>,
+    /// Listers wait here for a job or room in the window.
+    work: Condvar,
+    /// The walk waits here for its listing.
+    listed: Condvar,
+}
+
+impl Lister {
+    /// Ready to list the tree whose root directory is `root` (listed first).
+    pub fn new(root: Arc<OwnedFd>, excludes: Excludes) -> Lister {
+        let mut state = State::default();
+        state.jobs.push(Job {
+            rel: Vec::new(),
+            parent: root,
+            name: b".".to_vec(),
+        });
+        Lister {
+            excludes,
+            state: Mutex::new(state),
+            work: Condvar::new(),
+            listed: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A lister thread's loop, until [`Lister::stop`].
+    pub fn work(&self) {
+        let mut state = self.lock();
+        loop {
+            if state.stop {
+                return;
+            }
+            let room = state.ready.len() < AHEAD_DIRS && state.ready_entries < AHEAD_ENTRIES;
+            let needed = |j: &Job| state.awaited.as_deref() == Some(&j.rel[..]);
+            if room || state.jobs.peek().is_some_and(needed) {
+                if let Some(job) = state.jobs.pop() {
+                    drop(state);
+                    let (listed, subdirs) = self.list(&job);
+                    state = self.lock();
+                    state.jobs.extend(subdirs);
+                    if let Listed::Children { children, .. } = &listed {
+                        state.ready_entries += children.len();
+                    }
+                    state.ready.insert(job.rel, listed);
+                    self.listed.notify_one();
+                    self.work.notify_all();
+                    continue;
+                }
+            }
+            state = self.work.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Ends the listers' loops: the walk is done, or failed.
+    pub fn stop(&self) {
+        self.lock().stop = true;
+        self.work.notify_all();
+    }
+
+    /// The listing of directory `rel`, once a lister has made it. The walk asks for each
+    /// directory once, in walk order, after its parent's listing named it.
+    pub fn take(&self, rel: &[u8]) -> Listed {
+        let mut state = self.lock();
+        loop {
+            if let Some(listed) = state.ready.remove(rel) {
+                if let Listed::Children { children, .. } = &listed {
+                    state.ready_entries -= children.len();
+                }
+                state.awaited = None;
+                self.work.notify_all();
+                return listed;
+            }
+            if state.awaited.is_none() {
+                state.awaited = Some(rel.to_vec());
+                self.work.notify_all();
+            }
+            state = self.listed.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Lists one directory; its subdirectories are the jobs it adds.
+    fn list(&self, job: &Job) -> (Listed, Vec<Job>) {
+        let name = OsStr::from_bytes(&job.name);
+        let fd = match openat(&*job.parent, name, DIR_FLAGS, Mode::empty()) {
+            Ok(fd) => Arc::new(fd),
+            Err(Errno::ENOENT) => return (Listed::Gone, Vec::new()),
+            Err(e) => return (Listed::Failed("opening", e), Vec::new()),
+        };
+        let mut names = Vec::new();
+        let read = fd
+            .try_clone()
+            .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(0)))
+            .and_then(Dir::from_fd);
+        let dir = match read {
+            Ok(dir) => dir,
+            Err(e) => return (Listed::Failed("reading directory", e), Vec::new()),
+        };
+        for entry in dir.into_iter() {
+            match entry {
+                Ok(entry) => {
+                    let name = entry.file_name().to_bytes();
+                    if name != b"." && name != b".." {
+                        names.push(name.to_vec());
+                    }
+                }
+                Err(e) => return (Listed::Failed("reading directory", e), Vec::new()),
+            }
+        }
+        names.sort_unstable();
+        let mut children = Vec::with_capacity(names.len());
+        let mut subdirs = Vec::new();
+        for name in names {
+            let mut rel = job.rel.clone();
+            if !rel.is_empty() {
+                rel.push(b'/');
+            }
+            rel.extend_from_slice(&name);
+            if self.excludes.is_excluded(&rel) {
+                continue;
+            }
+            if name.starts_with(TEMP_PREFIX) {
+                children.push(Child::Leftover(name));
+                continue;
+            }
+            let os = OsStr::from_bytes(&name);
+            let stat = fstatat(&*fd, os, AtFlags::AT_SYMLINK_NOFOLLOW);
+            let fmt = stat
+                .as_ref()
+                .map(|st| SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT);
+            let target = match fmt {
+                Ok(SFlag::S_IFLNK) => Some(readlinkat(&*fd, os).map(|t| t.as_bytes().to_vec())),
+                _ => None,
+            };
+            if fmt == Ok(SFlag::S_IFDIR) {
+                subdirs.push(Job {
+                    rel,
+                    parent: fd.clone(),
+                    name: name.clone(),
+                });
+            }
+            children.push(Child::Found { name, stat, target });
+        }
+        (Listed::Children { fd, children }, subdirs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::sync::hash_cache::HashCache;
+    use crate::sync::manifest::TEMP_PREFIX;
+    use crate::sync::scan::{scan_each, ScanOptions};
+    use crate::sync::settle::walk_order;
+    use std::cmp::Ordering;
+    use std::path::Path;
+    use std::time::Duration;
+
+    /// What a plain recursive walk finds: every path below `root`, in walk order, skipping
+    /// `skip` directories' contents and the leftovers.
+    fn reference(root: &Path, rel: &str, skip: &str, out: &mut Vec<Vec<u8>>) {
+        let mut names: Vec<String> = std::fs::read_dir(root.join(rel))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        for name in names {
+            let path = if rel.is_empty() {
+                name.clone()
+            } else {
+                format!("{rel}/{name}")
+            };
+            if name == skip || name.as_bytes().starts_with(TEMP_PREFIX) {
+                continue;
+            }
+            out.push(path.as_bytes().to_vec());
+            if std::fs::symlink_metadata(root.join(&path))
+                .unwrap()
+                .is_dir()
+            {
+                reference(root, &path, skip, out);
+            }
+        }
+    }
+
+    #[test]
+    fn a_tree_larger_than_the_listers_window_is_walked_whole_and_in_order() {
+        // More directories and entries than the listers may hold ahead of the walk, so they
+        // stop and resume many times; names that sort differently as bytes and in walk order.
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        let leftover = String::from_utf8(TEMP_PREFIX.to_vec()).unwrap() + "part";
+        for d in 0..700 {
+            for sub in ["cur", "new", "cur.x", "skipped"] {
+                let dir = root.join(format!("u{d:03}")).join(sub);
+                std::fs::create_dir_all(&dir).unwrap();
+                for f in 0..8 {
+                    std::fs::write(dir.join(format!("m{f}")), "x").unwrap();
+                }
+            }
+            std::fs::write(root.join(format!("u{d:03}")).join(&leftover), "x").unwrap();
+        }
+        std::os::unix::fs::symlink("u000/cur", root.join("link")).unwrap();
+        let mut expected = Vec::new();
+        reference(root, "", "skipped", &mut expected);
+        assert!(expected.len() > super::AHEAD_ENTRIES && 700 * 3 > super::AHEAD_DIRS);
+
+        let root_path = root.to_path_buf();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let opts = ScanOptions {
+                checksum: false,
+                excludes: vec!["skipped".to_string()],
+            };
+            let mut found = Vec::new();
+            let m = scan_each(&root_path, &opts, &mut HashCache::disabled(), &mut |e| {
+                found.push(e);
+                Ok(())
+            });
+            let _ = tx.send((m, found));
+        });
+        // A lister that waits for room while the walk waits for it would hang here.
+        let (m, found) = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the scan finished");
+        let m = m.unwrap();
+        let paths: Vec<Vec<u8>> = found.iter().skip(1).map(|e| e.path.to_vec()).collect();
+        assert_eq!(paths.len(), expected.len());
+        assert!(
+            paths == expected,
+            "the scan's paths differ from a plain walk's"
+        );
+        for pair in paths.windows(2) {
+            assert_eq!(walk_order(&pair[0], &pair[1]), Ordering::Less);
+        }
+        assert_eq!(m.leftovers.len(), 700);
+        let link = found.iter().find(|e| &e.path[..] == b"link").unwrap();
+        assert_eq!(link.target.as_deref(), Some(&b"u000/cur"[..]));
+    }
+
+    #[test]
+    fn a_directory_gone_or_replaced_before_its_listing_is_told_apart() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::write(t.path().join("was-a-dir"), "now a file").unwrap();
+        let root = std::sync::Arc::new(
+            nix::fcntl::openat(
+                nix::fcntl::AT_FDCWD,
+                t.path(),
+                super::DIR_FLAGS,
+                nix::sys::stat::Mode::empty(),
+            )
+            .unwrap(),
+        );
+        let lister = super::Lister::new(root.clone(), Default::default());
+        let job = |name: &str| super::Job {
+            rel: name.as_bytes().to_vec(),
+            parent: root.clone(),
+            name: name.as_bytes().to_vec(),
+        };
+        // Deleted on a live tree: skipped, as the walk skips a file deleted before its stat.
+        assert!(matches!(lister.list(&job("gone")).0, super::Listed::Gone));
+        // Anything else fails the scan: a partial SRC manifest would delete on DEST.
+        assert!(matches!(
+            lister.list(&job("was-a-dir")).0,
+            super::Listed::Failed("opening", nix::errno::Errno::ENOTDIR)
+        ));
+    }
+}
