@@ -145,11 +145,8 @@ impl Lister {
             }
             if state.room() {
                 if let Some(job) = state.jobs.pop() {
-                    drop(state);
-                    let (listed, subdirs) = self.list(&job);
-                    state = self.lock();
-                    let added = subdirs.len();
-                    state.jobs.extend(subdirs);
+                    let listed;
+                    (state, listed) = self.run(state, &job);
                     if let Listed::Children { children, .. } = &listed {
                         state.ready_entries += children.len();
                     }
@@ -157,9 +154,6 @@ impl Lister {
                         self.listed.notify_one();
                     }
                     state.ready.insert(job.rel, listed);
-                    for _ in 0..added.min(state.idle) {
-                        self.work.notify_one();
-                    }
                     continue;
                 }
             }
@@ -198,15 +192,7 @@ impl Lister {
             // first in walk order of all not yet listed, so it is the heap's top.
             if state.jobs.peek().is_some_and(|j| j.rel == rel) {
                 if let Some(job) = state.jobs.pop() {
-                    drop(state);
-                    let (listed, subdirs) = self.list(&job);
-                    state = self.lock();
-                    let added = subdirs.len();
-                    state.jobs.extend(subdirs);
-                    for _ in 0..added.min(state.idle) {
-                        self.work.notify_one();
-                    }
-                    return listed;
+                    return self.run(state, &job).1;
                 }
             }
             // Being listed: the lister that has it wakes the walk.
@@ -215,6 +201,24 @@ impl Lister {
             }
             state = self.listed.wait(state).unwrap_or_else(|e| e.into_inner());
         }
+    }
+
+    /// Lists `job` without holding the lock, then adds its subdirectories as jobs and wakes
+    /// as many idle listers.
+    fn run<'a>(
+        &'a self,
+        state: MutexGuard<'a, State>,
+        job: &Job,
+    ) -> (MutexGuard<'a, State>, Listed) {
+        drop(state);
+        let (listed, subdirs) = self.list(job);
+        let mut state = self.lock();
+        let added = subdirs.len();
+        state.jobs.extend(subdirs);
+        for _ in 0..added.min(state.idle) {
+            self.work.notify_one();
+        }
+        (state, listed)
     }
 
     /// Lists one directory; its subdirectories are the jobs it adds.
@@ -375,6 +379,12 @@ mod tests {
         assert_eq!(link.target.as_deref(), Some(&b"u000/cur"[..]));
     }
 
+    fn opened(dir: &Path) -> std::sync::Arc<std::os::fd::OwnedFd> {
+        let flags = super::DIR_FLAGS;
+        let fd = nix::fcntl::openat(nix::fcntl::AT_FDCWD, dir, flags, super::Mode::empty());
+        std::sync::Arc::new(fd.unwrap())
+    }
+
     #[test]
     fn the_walk_lists_a_directory_no_lister_has_taken() {
         // No lister threads at all, as when every lister is busy or the window is full: the
@@ -382,15 +392,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(t.path().join("a/b")).unwrap();
         std::fs::write(t.path().join("a/f"), "x").unwrap();
-        let root = std::sync::Arc::new(
-            nix::fcntl::openat(
-                nix::fcntl::AT_FDCWD,
-                t.path(),
-                super::DIR_FLAGS,
-                nix::sys::stat::Mode::empty(),
-            )
-            .unwrap(),
-        );
+        let root = opened(t.path());
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let lister = super::Lister::new(root, Default::default());
@@ -416,15 +418,7 @@ mod tests {
     fn a_directory_gone_or_replaced_before_its_listing_is_told_apart() {
         let t = tempfile::tempdir().unwrap();
         std::fs::write(t.path().join("was-a-dir"), "now a file").unwrap();
-        let root = std::sync::Arc::new(
-            nix::fcntl::openat(
-                nix::fcntl::AT_FDCWD,
-                t.path(),
-                super::DIR_FLAGS,
-                nix::sys::stat::Mode::empty(),
-            )
-            .unwrap(),
-        );
+        let root = opened(t.path());
         let lister = super::Lister::new(root.clone(), Default::default());
         let job = |name: &str| super::Job {
             rel: name.as_bytes().to_vec(),
