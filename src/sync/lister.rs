@@ -46,12 +46,13 @@ pub enum Listed {
     },
 }
 
-/// A name in a listed directory, excluded names left out.
+/// A name in a listed directory, excluded names left out, by its path in the tree (built
+/// here for the exclusion test, so the walk does not build it again).
 pub enum Child {
     /// A crash leftover of an earlier run (`TEMP_PREFIX`): neither stat'ed nor walked.
     Leftover(Vec<u8>),
     Found {
-        name: Vec<u8>,
+        rel: Vec<u8>,
         /// `ENOENT`: deleted between the listing and the stat.
         stat: Result<FileStat, Errno>,
         /// A symlink's target.
@@ -262,7 +263,7 @@ impl Lister {
                 continue;
             }
             if name.starts_with(TEMP_PREFIX) {
-                children.push(Child::Leftover(name));
+                children.push(Child::Leftover(rel));
                 continue;
             }
             let os = OsStr::from_bytes(&name);
@@ -276,12 +277,12 @@ impl Lister {
             };
             if fmt == Ok(SFlag::S_IFDIR) {
                 subdirs.push(Job {
-                    rel,
+                    rel: rel.clone(),
                     parent: fd.clone(),
-                    name: name.clone(),
+                    name,
                 });
             }
-            children.push(Child::Found { name, stat, target });
+            children.push(Child::Found { rel, stat, target });
         }
         (Listed::Children { fd, children }, subdirs)
     }
@@ -400,7 +401,11 @@ mod tests {
                 super::Listed::Children { children, .. } => children
                     .into_iter()
                     .map(|c| match c {
-                        super::Child::Found { name, .. } | super::Child::Leftover(name) => name,
+                        super::Child::Found { rel, .. } | super::Child::Leftover(rel) => rel
+                            .rsplit(|&b| b == b'/')
+                            .next()
+                            .unwrap_or_default()
+                            .to_vec(),
                     })
                     .collect::<Vec<_>>(),
                 _ => panic!("not listed"),

@@ -134,14 +134,13 @@ impl Walk<'_> {
             }
         };
         for child in children {
-            let (name, stat, target) = match child {
-                Child::Leftover(name) => {
-                    self.manifest.leftovers.push(joined(prefix, &name));
+            let (rel, stat, target) = match child {
+                Child::Leftover(rel) => {
+                    self.manifest.leftovers.push(rel);
                     continue;
                 }
-                Child::Found { name, stat, target } => (name, stat, target),
+                Child::Found { rel, stat, target } => (rel, stat, target),
             };
-            let rel = joined(prefix, &name);
             let st = match stat {
                 Ok(st) => st,
                 // Deleted between readdir and stat on a live tree: not an error.
@@ -176,8 +175,9 @@ impl Walk<'_> {
                 }
             };
             let hash = if kind == Kind::File && self.opts.checksum {
-                let name = OsStr::from_bytes(&name);
-                match self.hash_at(&dir, name, &rel, &st) {
+                // The last component: a name holds no `/`.
+                let name = rel.rsplit(|&b| b == b'/').next().unwrap_or_default();
+                match self.hash_at(&dir, OsStr::from_bytes(name), &rel, &st) {
                     Ok(h) => Some(h),
                     Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                     Err(e) => {
@@ -309,17 +309,6 @@ pub fn scan_each(
         walked
     })?;
     Ok(walk.manifest)
-}
-
-/// `prefix/name`, or `name` at the root.
-fn joined(prefix: &[u8], name: &[u8]) -> Vec<u8> {
-    let mut rel = Vec::with_capacity(prefix.len() + 1 + name.len());
-    rel.extend_from_slice(prefix);
-    if !rel.is_empty() {
-        rel.push(b'/');
-    }
-    rel.extend_from_slice(name);
-    rel
 }
 
 /// The hash of regular file `rel` in `tree`, from the cache when its stamps match, else by
