@@ -14,7 +14,7 @@ use crate::sync::hash_cache::{hex, HashCache};
 use crate::sync::manifest::Manifest;
 use crate::sync::plan::{Plan, SendItem};
 use crate::sync::receive::{Durability, Receiver};
-use crate::sync::scan::{hash_path, scan_each, ScanOptions};
+use crate::sync::scan::{hash_paths, scan_each, ScanOptions};
 use crate::sync::send::{send, SendOptions};
 use anyhow::{anyhow, bail, Context, Result};
 use nix::fcntl::{Flock, FlockArg};
@@ -139,12 +139,13 @@ pub fn serve() -> Result<i32> {
             }
             Request::Receive {
                 root,
-                plan,
+                mut plan,
                 keep_setuid,
                 compressed,
                 from: None,
             } => {
                 drop(out);
+                plan.to_mut().shrink_to_fit();
                 let mut chunks = ChunkReader::new(io::stdin());
                 let received = do_receive(
                     path(&root),
@@ -168,12 +169,13 @@ pub fn serve() -> Result<i32> {
             }
             Request::Receive {
                 root,
-                plan,
+                mut plan,
                 keep_setuid,
                 compressed,
                 from: Some(token),
             } => {
                 drop(out);
+                plan.to_mut().shrink_to_fit();
                 let received = direct
                     .listening
                     .remove(&token)
@@ -540,15 +542,11 @@ fn space(root: &Path) -> Result<Space> {
 }
 
 fn do_hash(root: &Path, paths: Vec<Vec<u8>>, cache: &mut HashCache) -> Result<Hashes> {
-    let mut tree = Tree::open_existing(root)?;
-    let mut out: Hashes = Vec::with_capacity(paths.len());
-    for rel in paths {
-        validate(&rel)?;
-        // A file gone or changed type since the scan simply has no hash.
-        let digest = hash_path(&mut tree, &rel, cache).ok().flatten();
-        out.push((rel, digest));
+    for rel in &paths {
+        validate(rel)?;
     }
-    Ok(out)
+    let digests = hash_paths(root, &paths, cache)?;
+    Ok(paths.into_iter().zip(digests).collect())
 }
 
 fn do_send(

@@ -166,6 +166,7 @@ impl Changes {
             }
             accounted.insert(&l.to);
         }
+        changes.sent.reserve_exact(plan.send.len());
         for s in &plan.send {
             match &s.link_to {
                 Some(first) => changes.linked.push(placed(first, &s.path)),
@@ -238,15 +239,17 @@ impl Changes {
         self.sort();
     }
 
+    /// Unstable sorts where a list names each path once: a stable sort's scratch space was
+    /// 0.9 MB of a first copy's peak (56k files sent).
     fn sort(&mut self) {
-        self.sent.sort();
+        self.sent.sort_unstable();
         for placed in [&mut self.renamed, &mut self.copied, &mut self.linked] {
-            placed.sort_by(|a, b| a.to.cmp(&b.to));
+            placed.sort_unstable_by(|a, b| a.to.cmp(&b.to));
         }
-        self.dirs_created.sort();
-        self.attrs_only.sort();
+        self.dirs_created.sort_unstable();
+        self.attrs_only.sort_unstable();
         self.skipped.sort_by(|a, b| a.path.cmp(&b.path));
-        self.deleted.sort();
+        self.deleted.sort_unstable();
     }
 }
 

@@ -95,6 +95,16 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Drops the spare room of its long lists, which outlive the manifests in the controller
+    /// and are all the receiving agent holds of the trees. Grown by doubling, a first copy's
+    /// send list (56k files) had 0.5 MB spare in the controller and 1.5 MB in the agent,
+    /// whose decoder starts from a 1 MiB guess.
+    pub fn shrink_to_fit(&mut self) {
+        self.send.shrink_to_fit();
+        self.meta.shrink_to_fit();
+        self.mkdir.shrink_to_fit();
+    }
+
     pub fn is_empty(&self) -> bool {
         self.reuse.is_empty()
             && self.delete.is_empty()
@@ -449,6 +459,7 @@ pub fn build(src: &Manifest, dest: &Manifest, opts: &PlanOptions) -> Result<Plan
             meta: e.meta.clone(),
         })
         .collect();
+    plan.shrink_to_fit();
     Ok(plan)
 }
 
