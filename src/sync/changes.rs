@@ -128,7 +128,8 @@ impl Changes {
                 .map(|d| d.inode())
         };
         let mut changes = Changes::default();
-        let mut accounted: HashSet<&[u8]> = HashSet::new();
+        // Clones of the plan's paths: 8 bytes a slot, where a slice took 16.
+        let mut accounted: HashSet<RelPath> = HashSet::new();
 
         // A linked reuse takes its old name, which no longer exists afterwards: first, so no
         // copy or link claims that name.
@@ -137,7 +138,7 @@ impl Changes {
                 old.claim(inode, &r.from);
             }
             changes.renamed.push(placed(&r.from, &r.to));
-            accounted.insert(&r.to);
+            accounted.insert(r.to.clone());
         }
         // Content copied, or linked to a new name, from an inode that loses a name in this
         // run, was moved from that name.
@@ -146,7 +147,7 @@ impl Changes {
                 Some(name) => changes.renamed.push(placed(name, &r.to)),
                 None => changes.copied.push(placed(&r.from, &r.to)),
             }
-            accounted.insert(&r.to);
+            accounted.insert(r.to.clone());
         }
         let reused_from: HashMap<&[u8], &[u8]> = plan
             .reuse
@@ -164,7 +165,7 @@ impl Changes {
                 Some(name) => changes.renamed.push(placed(name, &l.to)),
                 None => changes.linked.push(placed(&l.from, &l.to)),
             }
-            accounted.insert(&l.to);
+            accounted.insert(l.to.clone());
         }
         changes.sent.reserve_exact(plan.send.len());
         for s in &plan.send {
@@ -177,7 +178,7 @@ impl Changes {
                     }
                 }
             }
-            accounted.insert(&s.path);
+            accounted.insert(s.path.clone());
         }
         let created: HashSet<&[u8]> = plan.mkdir.iter().map(|p| &p[..]).collect();
 

@@ -744,8 +744,9 @@ impl<'p> Receiver<'p> {
         progress: &mut impl FnMut(ReceiveProgress),
     ) -> Result<()> {
         let plan = self.plan;
-        let mut expected: HashMap<&[u8], &SendItem> =
-            plan.send.iter().map(|s| (&s.path[..], s)).collect();
+        // Keyed by a clone of the plan's path: 8 bytes a slot, where a slice took 16.
+        let mut expected: HashMap<RelPath, &SendItem> =
+            plan.send.iter().map(|s| (s.path.clone(), s)).collect();
         // Files of hard-link groups placed from this stream, with their group (the group's
         // first planned name): a hard link member may only name one of its own group. Files
         // of no group are left out: no member may name them, and on a first copy of 56k
