@@ -8,6 +8,7 @@
 //! window of listings behind, so memory stays bounded whatever the tree's size. A directory
 //! no lister has taken yet the walk lists itself.
 
+use crate::sync::beneath::split;
 use crate::sync::filter::Excludes;
 use crate::sync::manifest::TEMP_PREFIX;
 use crate::sync::settle::walk_order;
@@ -60,11 +61,20 @@ pub enum Child {
     },
 }
 
-/// A directory to list: `name` in `parent`, at `rel` in the tree.
+/// A directory to list: the directory at `rel` in the tree, whose parent is `parent`.
 struct Job {
     rel: Vec<u8>,
     parent: Arc<OwnedFd>,
-    name: Vec<u8>,
+}
+
+impl Job {
+    /// Its name in `parent`; the root is its own parent, opened as ".".
+    fn name(&self) -> &OsStr {
+        match self.rel.is_empty() {
+            true => OsStr::new("."),
+            false => OsStr::from_bytes(split(&self.rel).1),
+        }
+    }
 }
 
 // The heap's greatest is the directory the walk reaches first.
@@ -121,7 +131,6 @@ impl Lister {
         state.jobs.push(Job {
             rel: Vec::new(),
             parent: root,
-            name: b".".to_vec(),
         });
         Lister {
             excludes,
@@ -224,8 +233,7 @@ impl Lister {
 
     /// Lists one directory; its subdirectories are the jobs it adds.
     fn list(&self, job: &Job) -> (Listed, Vec<Job>) {
-        let name = OsStr::from_bytes(&job.name);
-        let fd = match openat(&*job.parent, name, DIR_FLAGS, Mode::empty()) {
+        let fd = match openat(&*job.parent, job.name(), DIR_FLAGS, Mode::empty()) {
             Ok(fd) => Arc::new(fd),
             Err(Errno::ENOENT) => return (Listed::Gone, Vec::new()),
             Err(e) => return (Listed::Failed("opening", e), Vec::new()),
@@ -279,7 +287,6 @@ impl Lister {
                 subdirs.push(Job {
                     rel: rel.clone(),
                     parent: fd.clone(),
-                    name,
                 });
             }
             children.push(Child::Found { rel, stat, target });
@@ -290,6 +297,7 @@ impl Lister {
 
 #[cfg(test)]
 mod tests {
+    use crate::sync::beneath::split;
     use crate::sync::hash_cache::HashCache;
     use crate::sync::manifest::TEMP_PREFIX;
     use crate::sync::scan::{scan_each, ScanOptions};
@@ -401,11 +409,9 @@ mod tests {
                 super::Listed::Children { children, .. } => children
                     .into_iter()
                     .map(|c| match c {
-                        super::Child::Found { rel, .. } | super::Child::Leftover(rel) => rel
-                            .rsplit(|&b| b == b'/')
-                            .next()
-                            .unwrap_or_default()
-                            .to_vec(),
+                        super::Child::Found { rel, .. } | super::Child::Leftover(rel) => {
+                            split(&rel).1.to_vec()
+                        }
                     })
                     .collect::<Vec<_>>(),
                 _ => panic!("not listed"),
@@ -428,7 +434,6 @@ mod tests {
         let job = |name: &str| super::Job {
             rel: name.as_bytes().to_vec(),
             parent: root.clone(),
-            name: name.as_bytes().to_vec(),
         };
         // Deleted on a live tree: skipped, as the walk skips a file deleted before its stat.
         assert!(matches!(lister.list(&job("gone")).0, super::Listed::Gone));

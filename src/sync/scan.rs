@@ -7,7 +7,7 @@
 //! A scan error on any path fails the scan: a partial SRC manifest would make the mirror
 //! delete what it could not see.
 
-use crate::sync::beneath::Tree;
+use crate::sync::beneath::{split, Tree};
 use crate::sync::filter::Excludes;
 use crate::sync::hash_cache::{HashCache, Stamp};
 use crate::sync::lister::{Child, Listed, Lister, LISTERS};
@@ -176,9 +176,7 @@ impl Walk<'_> {
                 }
             };
             let hash = if kind == Kind::File && self.opts.checksum {
-                // The last component: a name holds no `/`.
-                let name = rel.rsplit(|&b| b == b'/').next().unwrap_or_default();
-                match self.hash_at(&dir, OsStr::from_bytes(name), &rel, &st) {
+                match self.hash_at(&dir, OsStr::from_bytes(split(&rel).1), &rel, &st) {
                     Ok(h) => Some(h),
                     Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                     Err(e) => {
