@@ -11,6 +11,7 @@ use anyhow::{Context, Result};
 use serde::de::{DeserializeSeed, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 use sha2::{Digest as _, Sha256};
+use std::collections::HashSet;
 use std::ffi::OsString;
 use std::fmt;
 use std::fs;
@@ -141,27 +142,63 @@ impl Map {
 
 pub struct HashCache {
     file: Option<PathBuf>,
-    /// Read on first use, not when opened: a scan without `--checksum` only prunes the
-    /// cache, and a cache whose paths all still exist is then never built into a map
-    /// (measured: on the DEST agent of a no-change re-sync of 56k files this was a tenth of
-    /// all samples, and the map some 12 MB).
-    map: Option<Map>,
+    /// What this run learned: the hashes put since the file was read, and the paths
+    /// forgotten. Only these are held whole; the file's own entries are read when they are
+    /// asked for, and merged with these when the file is rewritten. A re-sync's cache then
+    /// weighs what changed, not the tree (measured on DEST's agent of a 56k-file delta: the
+    /// whole file read into a map was some 10 of its 26 MB).
+    put: Map,
+    gone: HashSet<RelPath, foldhash::fast::RandomState>,
+    /// The file's entries looked up so far.
+    read: Read,
     dirty: bool,
 }
 
-/// The cache file is a zstd-compressed postcard sequence of `(path, stamp, digest)`, written
-/// from the map and read into it one entry at a time: never a second copy of the whole
-/// cache in memory (measured on a 66k-file receive: 48 MB of a 62 MB heap peak before).
-struct Entries<'a>(&'a Map);
+enum Read {
+    /// Nothing yet: the first `get` reads all of it.
+    Nothing,
+    /// Only the entries `want` asked for.
+    Some(Map),
+    All(Map),
+}
 
-impl Serialize for Entries<'_> {
+/// The cache file is a zstd-compressed postcard sequence of `(path, stamp, digest)`, rewritten
+/// as the old file's entries that still hold, one at a time as they are read, then this run's:
+/// never a second copy of the cache in memory (measured on a 66k-file receive: 48 MB of a
+/// 62 MB heap peak before).
+struct Merged<'a> {
+    cache: &'a HashCache,
+    /// How many of the old file's entries still hold, counted by a first reading.
+    kept: usize,
+}
+
+impl Serialize for Merged<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(
-            self.0
-                .entries
-                .iter()
-                .map(|c| (raw_path::Borrowed(&c.path), &c.stamp, &c.digest)),
-        )
+        use serde::ser::{Error as _, SerializeSeq};
+        let cache = self.cache;
+        let mut seq = s.serialize_seq(Some(self.kept + cache.put.len()))?;
+        let (mut kept, mut failed) = (0, None);
+        read_entries(&cache.file, |path, stamp, digest| {
+            if failed.is_none() && kept < self.kept && cache.holds(&path) {
+                let entry = (raw_path::Borrowed(&path), &stamp, &digest);
+                match seq.serialize_element(&entry) {
+                    Ok(()) => kept += 1,
+                    Err(e) => failed = Some(e),
+                }
+            }
+        });
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        if kept != self.kept {
+            return Err(S::Error::custom(
+                "the old cache file changed while it was rewritten",
+            ));
+        }
+        for c in &cache.put.entries {
+            seq.serialize_element(&(raw_path::Borrowed(&c.path), &c.stamp, &c.digest))?;
+        }
+        seq.end()
     }
 }
 
@@ -192,7 +229,8 @@ impl<'de, F: FnMut(RelPath, Stamp, Digest)> Visitor<'de> for EachEntry<F> {
 }
 
 /// Calls `each` for every entry of the cache file; `None` when it is missing or unreadable,
-/// perhaps after some entries were handed out.
+/// perhaps after some entries were handed out (each is still whole: its stamps are checked
+/// before its hash is used).
 fn read_entries(file: &Option<PathBuf>, each: impl FnMut(RelPath, Stamp, Digest)) -> Option<()> {
     let decoder = zstd::Decoder::new(fs::File::open(file.as_ref()?).ok()?).ok()?;
     // Postcard reads a path byte by byte: from a buffer, not from the decompressor.
@@ -206,24 +244,21 @@ fn read_entries(file: &Option<PathBuf>, each: impl FnMut(RelPath, Stamp, Digest)
         .ok()
 }
 
-/// The cache file as a map; empty when it is missing or damaged.
-fn load(file: &Option<PathBuf>) -> Map {
-    let mut map = Map::new();
-    match read_entries(file, |path, stamp, digest| {
-        map.entries.push(Cached {
-            path,
-            stamp,
-            digest,
-        })
-    }) {
-        Some(()) => {
-            // A file lists each path once; should one be listed twice, the table finds one
-            // of them, either a hash whose stamps are checked before it is used.
-            map.reindex();
-            map
+/// The entries of the cache file that `wanted` picks, in a map; what a damaged file held
+/// before its damage.
+fn load(file: &Option<PathBuf>, mut wanted: impl FnMut(&[u8]) -> bool, into: &mut Map) {
+    read_entries(file, |path, stamp, digest| {
+        if wanted(&path) {
+            into.entries.push(Cached {
+                path,
+                stamp,
+                digest,
+            })
         }
-        None => Map::new(),
-    }
+    });
+    // A file lists each path once; should one be listed twice, the table finds one of
+    // them, either a hash whose stamps are checked before it is used.
+    into.reindex();
 }
 
 impl HashCache {
@@ -235,47 +270,78 @@ impl HashCache {
             let key = Sha256::digest(canonical.as_os_str().as_bytes());
             dir.join(format!("{}.hashes", hex(&key[..16])))
         });
-        HashCache {
-            file,
-            map: None,
-            dirty: false,
-        }
+        HashCache::in_file(file)
     }
 
     /// A cache kept in `file`, whatever tree it is for.
     #[cfg(test)]
     pub fn at(file: PathBuf) -> HashCache {
-        HashCache {
-            file: Some(file),
-            map: None,
-            dirty: false,
-        }
+        HashCache::in_file(Some(file))
     }
 
     /// A cache that remembers nothing and saves nowhere.
     pub fn disabled() -> HashCache {
+        HashCache::in_file(None)
+    }
+
+    fn in_file(file: Option<PathBuf>) -> HashCache {
         HashCache {
-            file: None,
-            map: Some(Map::new()),
+            file,
+            put: Map::new(),
+            gone: HashSet::default(),
+            read: Read::Nothing,
             dirty: false,
         }
     }
 
-    fn map(&mut self) -> &mut Map {
-        let file = &self.file;
-        self.map.get_or_insert_with(|| load(file))
+    /// Whether the file's entry for `path`, if it has one, is still this cache's.
+    fn holds(&self, path: &[u8]) -> bool {
+        self.put.get(path).is_none() && !self.gone.contains(path)
+    }
+
+    /// Reads the file's entries for `paths` (those not already at hand), so that `get` answers
+    /// for them without reading the whole file. After this, `get` misses every path of the
+    /// file that was never asked for: a caller asks for all it will look up.
+    pub fn want<'p>(&mut self, paths: impl IntoIterator<Item = &'p [u8]>) {
+        let mut index = match std::mem::replace(&mut self.read, Read::Nothing) {
+            all @ Read::All(_) => {
+                self.read = all;
+                return;
+            }
+            Read::Some(index) => index,
+            Read::Nothing => Map::new(),
+        };
+        let asked: HashSet<&[u8], foldhash::fast::RandomState> = paths
+            .into_iter()
+            .filter(|p| self.holds(p) && index.get(p).is_none())
+            .collect();
+        if !asked.is_empty() {
+            load(&self.file, |p| asked.contains(p), &mut index);
+        }
+        self.read = Read::Some(index);
     }
 
     pub fn get(&mut self, path: &[u8], stamp: &Stamp) -> Option<Digest> {
-        match self.map().get(path) {
-            Some(c) if c.stamp == *stamp => Some(c.digest),
-            _ => None,
-        }
+        let found = match (self.put.get(path), &self.read) {
+            (Some(c), _) => Some(c),
+            _ if self.gone.contains(path) => None,
+            (None, Read::Some(index) | Read::All(index)) => index.get(path),
+            (None, Read::Nothing) => {
+                let mut all = Map::new();
+                load(&self.file, |_| true, &mut all);
+                self.read = Read::All(all);
+                return self.get(path, stamp);
+            }
+        };
+        found.filter(|c| c.stamp == *stamp).map(|c| c.digest)
     }
 
     /// A receiver passes the plan's path, so the cache shares it instead of copying it.
     pub fn put(&mut self, path: RelPath, stamp: Stamp, digest: Digest) {
-        self.map().insert(Cached {
+        if !self.gone.is_empty() {
+            self.gone.remove(&path[..]);
+        }
+        self.put.insert(Cached {
             path,
             stamp,
             digest,
@@ -283,29 +349,32 @@ impl HashCache {
         self.dirty = true;
     }
 
-    pub fn remove(&mut self, path: &[u8]) {
-        if self.map().remove(path) {
-            self.dirty = true;
-        }
+    /// Room for `n` more hashes: a first copy's receiver puts one for every file, and a list
+    /// grown by doubling held twice that for a moment.
+    pub fn reserve(&mut self, n: usize) {
+        self.put.entries.reserve_exact(n);
     }
 
-    /// Drops entries for paths no longer in the tree. Before the cache is used, the file is
-    /// checked in place and only read into a map when some entry must go.
-    pub fn retain(&mut self, keep: impl Fn(&[u8]) -> bool) {
-        if let Some(map) = &mut self.map {
-            let before = map.len();
-            map.retain(keep);
-            self.dirty |= map.len() != before;
-            return;
-        }
-        let mut all_kept = true;
-        if read_entries(&self.file, |path, _, _| all_kept &= keep(&path)).is_none() || all_kept {
-            return;
-        }
-        let mut map = load(&self.file);
-        map.retain(keep);
-        self.map = Some(map);
+    pub fn remove(&mut self, path: &[u8]) {
+        self.put.remove(path);
+        self.gone.insert(path.into());
         self.dirty = true;
+    }
+
+    /// Drops entries for paths no longer in the tree: reads the file through once, and
+    /// remembers only what must go.
+    pub fn retain(&mut self, keep: impl Fn(&[u8]) -> bool) {
+        let before = self.put.len();
+        self.put.retain(&keep);
+        self.dirty |= self.put.len() != before;
+        let mut dropped = Vec::new();
+        read_entries(&self.file, |path, _, _| {
+            if !keep(&path) {
+                dropped.push(path)
+            }
+        });
+        self.dirty |= !dropped.is_empty();
+        self.gone.extend(dropped);
     }
 
     /// Writes the cache atomically (temp file, rename). Failure to save is not fatal to a sync.
@@ -320,10 +389,7 @@ impl HashCache {
     /// The first half of [`save`](Self::save): the cache in a temporary file beside its own,
     /// which [`Written::commit`] puts in its place. `None` when there is nothing to save.
     pub fn write(&mut self) -> Result<Option<Written>> {
-        let Some(file) = &self.file else {
-            return Ok(None);
-        };
-        let Some(map) = self.map.as_ref().filter(|_| self.dirty) else {
+        let Some(file) = self.file.as_ref().filter(|_| self.dirty) else {
             return Ok(None);
         };
         let dir = file.parent().context("cache path has no parent")?;
@@ -336,6 +402,11 @@ impl HashCache {
             fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
                 .with_context(|| format!("restricting {}", dir.display()))?;
         }
+        // Postcard writes a sequence's length first.
+        let mut kept = 0;
+        read_entries(&self.file, |path, _, _| {
+            kept += usize::from(self.holds(&path))
+        });
         let tmp = file.with_extension(format!("tmp{}", std::process::id()));
         let f = fs::OpenOptions::new()
             .write(true)
@@ -344,14 +415,12 @@ impl HashCache {
             .mode(0o600)
             .open(&tmp)
             .with_context(|| format!("writing {}", tmp.display()))?;
+        let merged = Merged { cache: self, kept };
         let result = zstd::Encoder::new(f, 1)
             .context("compressing the hash cache")
             .and_then(|packed| {
-                postcard::to_io(
-                    &Entries(map),
-                    io::BufWriter::with_capacity(64 << 10, packed),
-                )
-                .context("encoding the hash cache")
+                postcard::to_io(&merged, io::BufWriter::with_capacity(64 << 10, packed))
+                    .context("encoding the hash cache")
             })
             .and_then(|w| {
                 w.into_inner()
@@ -454,38 +523,65 @@ mod tests {
     }
 
     #[test]
-    fn pruning_reads_the_file_into_a_map_only_when_an_entry_goes() {
+    fn pruning_reads_the_file_through_and_remembers_only_what_goes() {
         let t = tempfile::tempdir().unwrap();
-        let at = |file: &Path| HashCache {
-            file: Some(file.to_path_buf()),
-            map: None,
-            dirty: false,
-        };
         let file = t.path().join("c.hashes");
-        let mut c = at(&file);
+        let at = || HashCache::at(file.clone());
+        let mut c = at();
         c.put(b"a"[..].into(), stamp(1), [1; 32]);
         c.put(b"b"[..].into(), stamp(2), [2; 32]);
         c.save().unwrap();
 
-        let mut c = at(&file);
+        let mut c = at();
         c.retain(|_| true);
-        assert!(c.map.is_none() && !c.dirty);
+        assert!(matches!(c.read, Read::Nothing) && c.gone.is_empty() && !c.dirty);
         assert_eq!(c.get(b"b", &stamp(2)), Some([2; 32]));
 
-        let mut c = at(&file);
+        let mut c = at();
         c.retain(|p| p != b"a");
-        assert!(c.dirty);
+        assert!(matches!(c.read, Read::Nothing) && c.dirty);
+        assert_eq!(c.gone.iter().map(|p| &p[..]).collect::<Vec<_>>(), [b"a"]);
         c.save().unwrap();
-        let mut c = at(&file);
+        let mut c = at();
         assert_eq!(c.get(b"a", &stamp(1)), None);
         assert_eq!(c.get(b"b", &stamp(2)), Some([2; 32]));
 
         // A damaged file is an empty cache, left alone by pruning.
         fs::write(&file, b"not zstd").unwrap();
-        let mut c = at(&file);
+        let mut c = at();
         c.retain(|_| false);
         assert!(!c.dirty);
         assert_eq!(c.get(b"b", &stamp(2)), None);
+    }
+
+    #[test]
+    fn wanting_some_paths_reads_only_theirs_and_the_rest_then_miss() {
+        let t = tempfile::tempdir().unwrap();
+        let file = t.path().join("c.hashes");
+        let mut c = HashCache::at(file.clone());
+        for i in 0..10u8 {
+            c.put(vec![b'f', b'0' + i].into(), stamp(i.into()), [i; 32]);
+        }
+        c.save().unwrap();
+
+        let mut c = HashCache::at(file);
+        c.want([&b"f1"[..], b"f2", b"nowhere"]);
+        c.want([&b"f3"[..]]);
+        let Read::Some(index) = &c.read else {
+            panic!("want read the whole file");
+        };
+        assert_eq!(index.len(), 3);
+        for i in 1..=3u8 {
+            assert_eq!(c.get(&[b'f', b'0' + i], &stamp(i.into())), Some([i; 32]));
+        }
+        assert_eq!(
+            c.get(b"f4", &stamp(4)),
+            None,
+            "a path never asked for misses"
+        );
+        // What this run put is found whether it was asked for or not.
+        c.put(b"f5"[..].into(), stamp(50), [50; 32]);
+        assert_eq!(c.get(b"f5", &stamp(50)), Some([50; 32]));
     }
 
     #[test]
@@ -512,9 +608,12 @@ mod tests {
     }
 
     #[test]
-    fn the_cache_finds_each_path_after_puts_removes_and_pruning() {
-        // Against a plain map: every step, every path answers the same.
-        let mut c = HashCache::disabled();
+    fn the_cache_finds_each_path_after_puts_removes_pruning_and_rewrites() {
+        // Against a plain map: every step, every path answers the same, before and after
+        // the cache is saved and read again (the old file's entries merged with the run's).
+        let t = tempfile::tempdir().unwrap();
+        let file = t.path().join("c.hashes");
+        let mut c = HashCache::at(file.clone());
         let mut model = std::collections::HashMap::new();
         let path = |i: u64| format!("cur/{}", i % 97).into_bytes();
         let check = |c: &mut HashCache, model: &std::collections::HashMap<Vec<u8>, u64>| {
@@ -525,7 +624,13 @@ mod tests {
                 assert_eq!(got, want, "{}", String::from_utf8_lossy(&p));
                 assert_eq!(c.get(&p, &stamp(1000)), None);
             }
-            assert_eq!(c.map().len(), model.len());
+        };
+        let reopen = |c: &mut HashCache| {
+            c.save().unwrap();
+            *c = HashCache::at(file.clone());
+            let mut all = Map::new();
+            load(&c.file, |_| true, &mut all);
+            all.len()
         };
         for step in 0..2000u64 {
             let n = step * 7919 % 1009;
@@ -539,10 +644,14 @@ mod tests {
             }
             if step % 250 == 0 {
                 check(&mut c, &model);
+                assert_eq!(reopen(&mut c), model.len(), "one entry a path");
+                check(&mut c, &model);
             }
         }
         c.retain(|p| p.ends_with(b"1"));
         model.retain(|p, _| p.ends_with(b"1"));
+        check(&mut c, &model);
+        assert_eq!(reopen(&mut c), model.len());
         check(&mut c, &model);
     }
 

@@ -629,6 +629,7 @@ impl<'p> Receiver<'p> {
         for reuse in &self.plan.reuse {
             *readers.entry(&reuse.from[..]).or_default() += 1;
         }
+        self.cache.want(self.plan.reuse.iter().map(|r| &r.from[..]));
         let mut staged = Vec::new();
         for (i, reuse) in self.plan.reuse.iter().enumerate() {
             let (dir, name) = self.tree.parent(&reuse.from)?;
@@ -1029,6 +1030,7 @@ impl<'p> Receiver<'p> {
     /// Records the stamps of what this run placed, and forgets what it deleted, in the hash
     /// cache; the caller saves it.
     fn remember_hashes(&mut self) {
+        self.cache.reserve(self.placed.len());
         for (path, digest) in std::mem::take(&mut self.placed) {
             let Ok((dir, name)) = self.tree.parent(&path) else {
                 continue;

@@ -328,6 +328,7 @@ pub fn hash_paths(
         .min(HASHERS)
         .min(paths.len())
         .max(1);
+    cache.want(paths.iter().map(|p| &p[..]));
     let next = AtomicUsize::new(0);
     let cache = Mutex::new(cache);
     // Each thread's answers, by their place in `paths`.
