@@ -448,18 +448,8 @@ fn needed(plan: &Plan, dest: &Manifest, block: u64) -> Needed {
     need.inodes += plan.mkdir.len() as u64;
     // Only an inode's last name frees it.
     let deleted: foldhash::HashSet<&[u8]> = plan.delete.iter().map(|p| &p[..]).collect();
-    let under_deleted = |path: &[u8]| {
-        let mut p = path;
-        loop {
-            if deleted.contains(p) {
-                return true;
-            }
-            match p.iter().rposition(|&b| b == b'/') {
-                Some(i) => p = &p[..i],
-                None => return false,
-            }
-        }
-    };
+    let under_deleted =
+        |path: &[u8]| deleted.contains(path) || plan::ancestors(path).any(|a| deleted.contains(a));
     let (mut freed_bytes, mut freed_inodes) = (0u64, 0u64);
     for e in dest.entries.iter().filter(|e| !e.path.is_empty()) {
         if e.nlink <= 1 && under_deleted(&e.path) {

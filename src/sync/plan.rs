@@ -11,6 +11,7 @@
 //! 5. `link`: further names of inodes placed by 3 or already in DEST (hard-link groups).
 //! 6. `meta`, then `dirs` deepest first: writing into a directory changes its mtime.
 
+use crate::sync::beneath::split;
 use crate::sync::manifest::{raw_path, ByPath, Digest, Entry, Kind, Manifest, Meta, RelPath};
 use anyhow::{bail, Result};
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
@@ -153,13 +154,6 @@ pub(crate) fn settles(s: &Entry, d: &Entry, checksum: bool) -> bool {
         Kind::Dir => false,
     };
     s.kind == d.kind && s.nlink == 1 && d.nlink == 1 && same_content && meta_same(s, d)
-}
-
-fn parent(path: &[u8]) -> &[u8] {
-    match path.iter().rposition(|&b| b == b'/') {
-        Some(i) => &path[..i],
-        None => b"",
-    }
 }
 
 /// The strict ancestors of a relative path, nearest first, excluding the root.
@@ -437,7 +431,7 @@ pub fn build(src: &Manifest, dest: &Manifest, opts: &PlanOptions) -> Result<Plan
         .chain(plan.link.iter().map(|l| &l.to));
     for p in touched {
         if !p.is_empty() {
-            changed_dirs.insert(parent(p).to_vec());
+            changed_dirs.insert(split(p).0.to_vec());
         }
     }
     // Reused content is staged in a directory at the root, which changes the root's mtime.
