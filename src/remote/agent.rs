@@ -1020,6 +1020,72 @@ mod tests {
         Some(line.expect("ssh -G prints ciphers").to_string())
     }
 
+    /// A stand-in agent: once a byte of request comes in (or its input ends), it writes an
+    /// answer larger than a pipe holds and fails if nobody reads it all (`head` gets EPIPE).
+    fn answering_agent() -> Agent {
+        let mut child = tokio::process::Command::new("sh")
+            .args(["-c", "head -c 1 >/dev/null; head -c 1000000 /dev/zero"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (stdin, stdout, stderr) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take());
+        let process = AgentProcess::new(
+            None,
+            None,
+            stderr.map(|e| Box::pin(e) as Pin<Box<dyn AsyncRead + Send>>),
+            Waiter::Local(child),
+            "the test host",
+            "the agent".to_string(),
+        );
+        Agent {
+            input: stdin.map(|i| Box::pin(i) as Pin<Box<dyn AsyncWrite + Send>>),
+            output: Box::pin(stdout.unwrap()),
+            process,
+            aborted: false,
+            asked_ahead: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_asked_ahead_and_never_read_does_not_fail_the_agent_as_it_closes() {
+        let low = crate::remote::protocol::Request::Priority { low: true };
+        let mut agent = answering_agent();
+        agent.ask_ahead(&low).await.unwrap();
+        agent
+            .close()
+            .await
+            .expect("the unread answer's broken pipe is no failure");
+
+        // The same agent, its answer not asked for: the broken pipe is its failure.
+        let e = answering_agent().close().await.unwrap_err();
+        assert!(
+            e.to_string().contains("the agent on the test host failed"),
+            "{e:#}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_call_that_is_not_what_was_asked_ahead_is_refused() {
+        use crate::remote::protocol::Request;
+        let mut agent = answering_agent();
+        agent
+            .ask_ahead(&Request::Priority { low: true })
+            .await
+            .unwrap();
+        let e = agent
+            .call::<()>(&Request::Priority { low: false })
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("was asked ahead for something else"),
+            "{e:#}"
+        );
+        agent.abort();
+    }
+
     #[tokio::test]
     async fn what_was_read_ahead_comes_first_then_the_error_it_met_and_nothing_after() {
         let mut ahead = ReadAhead::default();
