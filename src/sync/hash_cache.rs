@@ -33,6 +33,17 @@ pub struct Stamp {
 }
 
 impl Stamp {
+    /// The stamps of a hash put before its file's are final (see [`HashCache::restamp`]); no
+    /// file has inode 0, so none matches it.
+    pub const PENDING: Stamp = Stamp {
+        ino: 0,
+        size: 0,
+        mtime: 0,
+        mtime_nsec: 0,
+        ctime: 0,
+        ctime_nsec: 0,
+    };
+
     pub fn of(meta: &fs::Metadata) -> Stamp {
         Stamp {
             ino: meta.ino(),
@@ -123,8 +134,8 @@ impl Map {
         true
     }
 
-    fn retain(&mut self, keep: impl Fn(&[u8]) -> bool) {
-        self.entries.retain(|c| keep(&c.path));
+    fn retain(&mut self, keep: impl FnMut(&Cached) -> bool) {
+        self.entries.retain(keep);
         self.reindex();
     }
 
@@ -355,6 +366,24 @@ impl HashCache {
         self.put.entries.reserve_exact(n);
     }
 
+    /// Gives each hash put with [`Stamp::PENDING`] its file's stamps, now final (a receiver
+    /// sets a file's mtime, which changes its ctime, after placing it); forgets those whose
+    /// file `stamp_of` cannot stamp.
+    pub fn restamp(&mut self, mut stamp_of: impl FnMut(&[u8]) -> Option<Stamp>) {
+        let mut lost = false;
+        for c in self.put.entries.iter_mut() {
+            if c.stamp == Stamp::PENDING {
+                match stamp_of(&c.path) {
+                    Some(stamp) => c.stamp = stamp,
+                    None => lost = true,
+                }
+            }
+        }
+        if lost {
+            self.put.retain(|c| c.stamp != Stamp::PENDING);
+        }
+    }
+
     pub fn remove(&mut self, path: &[u8]) {
         self.put.remove(path);
         self.gone.insert(path.into());
@@ -365,7 +394,7 @@ impl HashCache {
     /// remembers only what must go.
     pub fn retain(&mut self, keep: impl Fn(&[u8]) -> bool) {
         let before = self.put.len();
-        self.put.retain(&keep);
+        self.put.retain(|c| keep(&c.path));
         self.dirty |= self.put.len() != before;
         let mut dropped = Vec::new();
         read_entries(&self.file, |path, _, _| {
@@ -653,6 +682,38 @@ mod tests {
         check(&mut c, &model);
         assert_eq!(reopen(&mut c), model.len());
         check(&mut c, &model);
+    }
+
+    #[test]
+    fn restamping_gives_pending_hashes_their_stamps_and_forgets_those_without() {
+        let t = tempfile::tempdir().unwrap();
+        let file = t.path().join("c.hashes");
+        let mut c = HashCache::at(file.clone());
+        c.put(b"hashed"[..].into(), stamp(1), [1; 32]);
+        c.put(b"placed"[..].into(), Stamp::PENDING, [2; 32]);
+        c.put(b"vanished"[..].into(), Stamp::PENDING, [3; 32]);
+        let mut asked = Vec::new();
+        c.restamp(|p| {
+            asked.push(p.to_vec());
+            (p == b"placed").then(|| stamp(2))
+        });
+        assert_eq!(
+            asked,
+            [b"placed".to_vec(), b"vanished".to_vec()],
+            "only pending hashes"
+        );
+        c.save().unwrap();
+        let mut c = HashCache::at(file);
+        assert_eq!(c.get(b"hashed", &stamp(1)), Some([1; 32]));
+        assert_eq!(c.get(b"placed", &stamp(2)), Some([2; 32]));
+        let Read::All(all) = &c.read else {
+            panic!("get reads the whole file")
+        };
+        assert_eq!(
+            all.len(),
+            2,
+            "the hash of a file that could not be stamped was kept"
+        );
     }
 
     #[test]

@@ -457,8 +457,6 @@ pub struct Receiver<'p> {
     owners: Owners,
     cache: HashCache,
     stats: ReceiveStats,
-    /// Files placed in this run with their digests, recorded in the hash cache at the end.
-    placed: Vec<(RelPath, Digest)>,
     touched_dirs: HashSet<Vec<u8>>,
     /// Files whose content changed on the source while it was sent: left as DEST had them.
     changed: HashSet<RelPath>,
@@ -477,6 +475,9 @@ impl<'p> Receiver<'p> {
         cache: HashCache,
         durability: Durability,
     ) -> Receiver<'p> {
+        // Each file placed goes into the cache as it is placed, its stamps taken at the end.
+        let mut cache = cache;
+        cache.reserve(plan.send.len() + plan.reuse.len());
         Receiver {
             tree,
             plan,
@@ -487,7 +488,6 @@ impl<'p> Receiver<'p> {
             },
             cache,
             stats: ReceiveStats::default(),
-            placed: Vec::with_capacity(plan.send.len() + plan.reuse.len()),
             touched_dirs: HashSet::new(),
             changed: HashSet::new(),
             buf: vec![0u8; 256 * 1024],
@@ -669,7 +669,8 @@ impl<'p> Receiver<'p> {
                     RenameFlags::RENAME_NOREPLACE,
                 );
                 if renamed.is_ok() {
-                    self.placed.push((reuse.to.clone(), reuse.digest));
+                    self.cache
+                        .put(reuse.to.clone(), Stamp::PENDING, reuse.digest);
                     staged.push(None);
                     continue;
                 }
@@ -732,7 +733,8 @@ impl<'p> Receiver<'p> {
             let (dir, name) = self.tree.parent(&reuse.to)?;
             nix::fcntl::renameat(stage_fd.as_fd(), staged_name.as_os_str(), dir.as_fd(), name)
                 .with_context(|| format!("moving content into {what}"))?;
-            self.placed.push((reuse.to.clone(), reuse.digest));
+            self.cache
+                .put(reuse.to.clone(), Stamp::PENDING, reuse.digest);
         }
         remove_at(root.as_fd(), &stage).context("removing the staging directory")?;
         Ok(())
@@ -874,7 +876,7 @@ impl<'p> Receiver<'p> {
                         }
                         tmp.commit(name)
                             .with_context(|| format!("renaming into {what}"))?;
-                        self.placed.push((path, *digest));
+                        self.cache.put(path, Stamp::PENDING, *digest);
                         if groups.contains(group) {
                             placed_in.insert(&item.path, group);
                         }
@@ -1030,16 +1032,12 @@ impl<'p> Receiver<'p> {
     /// Records the stamps of what this run placed, and forgets what it deleted, in the hash
     /// cache; the caller saves it.
     fn remember_hashes(&mut self) {
-        self.cache.reserve(self.placed.len());
-        for (path, digest) in std::mem::take(&mut self.placed) {
-            let Ok((dir, name)) = self.tree.parent(&path) else {
-                continue;
-            };
-            if let Ok(st) = fstatat(dir.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
-                let stamp = crate::sync::scan::stamp_of_stat(&st);
-                self.cache.put(path, stamp, digest);
-            }
-        }
+        let tree = &mut self.tree;
+        self.cache.restamp(|path| {
+            let (dir, name) = tree.parent(path).ok()?;
+            let st = fstatat(dir.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW).ok()?;
+            Some(crate::sync::scan::stamp_of_stat(&st))
+        });
         for rel in &self.plan.delete {
             self.cache.remove(rel);
         }
