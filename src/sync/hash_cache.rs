@@ -169,7 +169,7 @@ enum Read {
     /// Nothing yet: the first `get` reads all of it.
     Nothing,
     /// Only the entries `want` asked for.
-    Some(Map),
+    Asked(Map),
     All(Map),
 }
 
@@ -319,7 +319,7 @@ impl HashCache {
                 self.read = all;
                 return;
             }
-            Read::Some(index) => index,
+            Read::Asked(index) => index,
             Read::Nothing => Map::new(),
         };
         let asked: HashSet<&[u8], foldhash::fast::RandomState> = paths
@@ -329,14 +329,14 @@ impl HashCache {
         if !asked.is_empty() {
             load(&self.file, |p| asked.contains(p), &mut index);
         }
-        self.read = Read::Some(index);
+        self.read = Read::Asked(index);
     }
 
     pub fn get(&mut self, path: &[u8], stamp: &Stamp) -> Option<Digest> {
         let found = match (self.put.get(path), &self.read) {
             (Some(c), _) => Some(c),
             _ if self.gone.contains(path) => None,
-            (None, Read::Some(index) | Read::All(index)) => index.get(path),
+            (None, Read::Asked(index) | Read::All(index)) => index.get(path),
             (None, Read::Nothing) => {
                 let mut all = Map::new();
                 load(&self.file, |_| true, &mut all);
@@ -596,7 +596,7 @@ mod tests {
         let mut c = HashCache::at(file);
         c.want([&b"f1"[..], b"f2", b"nowhere"]);
         c.want([&b"f3"[..]]);
-        let Read::Some(index) = &c.read else {
+        let Read::Asked(index) = &c.read else {
             panic!("want read the whole file");
         };
         assert_eq!(index.len(), 3);

@@ -581,8 +581,9 @@ impl<'p> Receiver<'p> {
             bytes: self.stats.bytes_written,
             wire_bytes: self.stats.wire_bytes,
         });
-        // The cache's map, an entry for each file of DEST, is freed on a thread of its own:
-        // the controller waits for this answer, not for that (about 10 ms of a 56k-file delta).
+        // The cache's hashes, one for each file placed (every file of a first copy), are freed
+        // on a thread of its own: the controller waits for this answer, not for that (about
+        // 10 ms for 56k files).
         let cache = std::mem::replace(&mut self.cache, HashCache::disabled());
         let _ = std::thread::Builder::new().spawn(move || drop(cache));
         Ok(self.stats)
