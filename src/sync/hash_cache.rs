@@ -166,10 +166,14 @@ pub struct HashCache {
 }
 
 enum Read {
-    /// Nothing yet: the first `get` reads all of it.
+    /// Nothing yet.
     Nothing,
-    /// Only the entries `want` asked for.
-    Asked(Map),
+    /// The entries of the paths `want` asked for, and the hashes of those paths (found in
+    /// the file or not): a `get` for any other path reads the whole file.
+    Asked {
+        index: Map,
+        asked: HashSet<u64, foldhash::fast::RandomState>,
+    },
     All(Map),
 }
 
@@ -310,34 +314,41 @@ impl HashCache {
         self.put.get(path).is_none() && !self.gone.contains(path)
     }
 
-    /// Reads the file's entries for `paths` (those not already at hand), so that `get` answers
-    /// for them without reading the whole file. After this, `get` misses every path of the
-    /// file that was never asked for: a caller asks for all it will look up.
+    /// Reads the file's entries for `paths` (those not asked for before), so that `get`
+    /// answers for them without reading the whole file.
     pub fn want<'p>(&mut self, paths: impl IntoIterator<Item = &'p [u8]>) {
-        let mut index = match std::mem::replace(&mut self.read, Read::Nothing) {
-            all @ Read::All(_) => {
-                self.read = all;
-                return;
-            }
-            Read::Asked(index) => index,
-            Read::Nothing => Map::new(),
-        };
-        let asked: HashSet<&[u8], foldhash::fast::RandomState> = paths
-            .into_iter()
-            .filter(|p| self.holds(p) && index.get(p).is_none())
-            .collect();
-        if !asked.is_empty() {
-            load(&self.file, |p| asked.contains(p), &mut index);
+        if let Read::Nothing = self.read {
+            self.read = Read::Asked {
+                index: Map::new(),
+                asked: HashSet::default(),
+            };
         }
-        self.read = Read::Asked(index);
+        // Read whole, the cache answers for every path already.
+        let Read::Asked { index, asked } = &mut self.read else {
+            return;
+        };
+        let (put, gone) = (&self.put, &self.gone);
+        let new: HashSet<&[u8], foldhash::fast::RandomState> = paths
+            .into_iter()
+            .filter(|p| put.get(p).is_none() && !gone.contains(*p))
+            .filter(|p| asked.insert(index.hasher.hash_one(p)))
+            .collect();
+        if !new.is_empty() {
+            load(&self.file, |p| new.contains(p), index);
+        }
     }
 
     pub fn get(&mut self, path: &[u8], stamp: &Stamp) -> Option<Digest> {
         let found = match (self.put.get(path), &self.read) {
             (Some(c), _) => Some(c),
             _ if self.gone.contains(path) => None,
-            (None, Read::Asked(index) | Read::All(index)) => index.get(path),
-            (None, Read::Nothing) => {
+            (None, Read::All(index)) => index.get(path),
+            (None, Read::Asked { index, asked })
+                if asked.contains(&index.hasher.hash_one(path)) =>
+            {
+                index.get(path)
+            }
+            (None, _) => {
                 let mut all = Map::new();
                 load(&self.file, |_| true, &mut all);
                 self.read = Read::All(all);
@@ -584,7 +595,7 @@ mod tests {
     }
 
     #[test]
-    fn wanting_some_paths_reads_only_theirs_and_the_rest_then_miss() {
+    fn wanting_some_paths_reads_only_theirs_and_another_path_then_reads_all() {
         let t = tempfile::tempdir().unwrap();
         let file = t.path().join("c.hashes");
         let mut c = HashCache::at(file.clone());
@@ -595,45 +606,24 @@ mod tests {
 
         let mut c = HashCache::at(file);
         c.want([&b"f1"[..], b"f2", b"nowhere"]);
-        c.want([&b"f3"[..]]);
-        let Read::Asked(index) = &c.read else {
-            panic!("want read the whole file");
+        c.want([&b"f3"[..], b"f1"]);
+        let read = |c: &HashCache| match &c.read {
+            Read::Nothing => "nothing".to_string(),
+            Read::Asked { index, .. } => format!("{} asked for", index.len()),
+            Read::All(all) => format!("all {}", all.len()),
         };
-        assert_eq!(index.len(), 3);
+        assert_eq!(read(&c), "3 asked for");
         for i in 1..=3u8 {
             assert_eq!(c.get(&[b'f', b'0' + i], &stamp(i.into())), Some([i; 32]));
         }
-        assert_eq!(
-            c.get(b"f4", &stamp(4)),
-            None,
-            "a path never asked for misses"
-        );
+        assert_eq!(c.get(b"nowhere", &stamp(0)), None);
         // What this run put is found whether it was asked for or not.
         c.put(b"f5"[..].into(), stamp(50), [50; 32]);
         assert_eq!(c.get(b"f5", &stamp(50)), Some([50; 32]));
-    }
-
-    #[test]
-    fn a_written_cache_replaces_the_old_one_only_when_committed() {
-        let t = tempfile::tempdir().unwrap();
-        let file = t.path().join("c.hashes");
-        let at = || HashCache::at(file.clone());
-        let mut c = at();
-        c.put(b"old"[..].into(), stamp(1), [1; 32]);
-        c.save().unwrap();
-        let files = || fs::read_dir(t.path()).unwrap().count();
-
-        // Dropped uncommitted (the receiver's sync failed): the old cache stays, alone.
-        let mut c = at();
-        c.put(b"new"[..].into(), stamp(2), [2; 32]);
-        drop(c.write().unwrap().expect("a changed cache is written"));
-        assert_eq!(files(), 1);
-        assert_eq!(at().get(b"new", &stamp(2)), None);
-        assert_eq!(at().get(b"old", &stamp(1)), Some([1; 32]));
-
-        c.write().unwrap().unwrap().commit().unwrap();
-        assert_eq!(files(), 1);
-        assert_eq!(at().get(b"new", &stamp(2)), Some([2; 32]));
+        assert_eq!(read(&c), "3 asked for");
+        // A path never asked for is answered as the whole file would.
+        assert_eq!(c.get(b"f4", &stamp(4)), Some([4; 32]));
+        assert_eq!(read(&c), "all 10");
     }
 
     #[test]
@@ -657,6 +647,9 @@ mod tests {
         let reopen = |c: &mut HashCache| {
             c.save().unwrap();
             *c = HashCache::at(file.clone());
+            // Some paths asked for first: the rest are then read whole, on the first miss.
+            let some: Vec<Vec<u8>> = (0..97).step_by(5).map(path).collect();
+            c.want(some.iter().map(|p| &p[..]));
             let mut all = Map::new();
             load(&c.file, |_| true, &mut all);
             all.len()
