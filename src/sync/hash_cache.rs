@@ -627,6 +627,29 @@ mod tests {
     }
 
     #[test]
+    fn a_written_cache_replaces_the_old_one_only_when_committed() {
+        let t = tempfile::tempdir().unwrap();
+        let file = t.path().join("c.hashes");
+        let at = || HashCache::at(file.clone());
+        let mut c = at();
+        c.put(b"old"[..].into(), stamp(1), [1; 32]);
+        c.save().unwrap();
+        let files = || fs::read_dir(t.path()).unwrap().count();
+
+        // Dropped uncommitted (the receiver's sync failed): the old cache stays, alone.
+        let mut c = at();
+        c.put(b"new"[..].into(), stamp(2), [2; 32]);
+        drop(c.write().unwrap().expect("a changed cache is written"));
+        assert_eq!(files(), 1);
+        assert_eq!(at().get(b"new", &stamp(2)), None);
+        assert_eq!(at().get(b"old", &stamp(1)), Some([1; 32]));
+
+        c.write().unwrap().unwrap().commit().unwrap();
+        assert_eq!(files(), 1);
+        assert_eq!(at().get(b"new", &stamp(2)), Some([2; 32]));
+    }
+
+    #[test]
     fn the_cache_finds_each_path_after_puts_removes_pruning_and_rewrites() {
         // Against a plain map: every step, every path answers the same, before and after
         // the cache is saved and read again (the old file's entries merged with the run's).
