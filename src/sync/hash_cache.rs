@@ -317,25 +317,23 @@ impl HashCache {
     /// Reads the file's entries for `paths` (those not asked for before), so that `get`
     /// answers for them without reading the whole file.
     pub fn want<'p>(&mut self, paths: impl IntoIterator<Item = &'p [u8]>) {
-        if let Read::Nothing = self.read {
-            self.read = Read::Asked {
-                index: Map::new(),
-                asked: HashSet::default(),
-            };
-        }
-        // Read whole, the cache answers for every path already.
-        let Read::Asked { index, asked } = &mut self.read else {
-            return;
+        let (mut index, mut asked) = match std::mem::replace(&mut self.read, Read::Nothing) {
+            // Read whole, the cache answers for every path already.
+            all @ Read::All(_) => {
+                self.read = all;
+                return;
+            }
+            Read::Asked { index, asked } => (index, asked),
+            Read::Nothing => (Map::new(), HashSet::default()),
         };
-        let (put, gone) = (&self.put, &self.gone);
         let new: HashSet<&[u8], foldhash::fast::RandomState> = paths
             .into_iter()
-            .filter(|p| put.get(p).is_none() && !gone.contains(*p))
-            .filter(|p| asked.insert(index.hasher.hash_one(p)))
+            .filter(|p| self.holds(p) && asked.insert(index.hasher.hash_one(p)))
             .collect();
         if !new.is_empty() {
-            load(&self.file, |p| new.contains(p), index);
+            load(&self.file, |p| new.contains(p), &mut index);
         }
+        self.read = Read::Asked { index, asked };
     }
 
     pub fn get(&mut self, path: &[u8], stamp: &Stamp) -> Option<Digest> {
@@ -372,9 +370,13 @@ impl HashCache {
     }
 
     /// Room for `n` more hashes: a first copy's receiver puts one for every file, and a list
-    /// grown by doubling held twice that for a moment.
+    /// grown by doubling held twice that for a moment (its table rehashed every path each time).
     pub fn reserve(&mut self, n: usize) {
-        self.put.entries.reserve_exact(n);
+        let map = &mut self.put;
+        map.entries.reserve_exact(n);
+        let (entries, hasher) = (&map.entries, &map.hasher);
+        map.table
+            .reserve(n, |&j| hasher.hash_one(&*entries[j as usize].path));
     }
 
     /// Gives each hash put with [`Stamp::PENDING`] its file's stamps, now final (a receiver

@@ -472,11 +472,10 @@ impl<'p> Receiver<'p> {
     pub fn new(
         tree: Tree,
         plan: &'p Plan,
-        cache: HashCache,
+        mut cache: HashCache,
         durability: Durability,
     ) -> Receiver<'p> {
         // Each file placed goes into the cache as it is placed, its stamps taken at the end.
-        let mut cache = cache;
         cache.reserve(plan.send.len() + plan.reuse.len());
         Receiver {
             tree,
