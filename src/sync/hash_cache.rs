@@ -243,20 +243,25 @@ impl<'de, F: FnMut(RelPath, Stamp, Digest)> Visitor<'de> for EachEntry<F> {
     }
 }
 
-/// Calls `each` for every entry of the cache file; `None` when it is missing or unreadable,
-/// perhaps after some entries were handed out (each is still whole: its stamps are checked
-/// before its hash is used).
-fn read_entries(file: &Option<PathBuf>, each: impl FnMut(RelPath, Stamp, Digest)) -> Option<()> {
-    let decoder = zstd::Decoder::new(fs::File::open(file.as_ref()?).ok()?).ok()?;
+/// Calls `each` for every entry of the cache file: none when it is missing, those before the
+/// damage when it is damaged (each still whole: its stamps are checked before its hash is
+/// used).
+fn read_entries(file: &Option<PathBuf>, each: impl FnMut(RelPath, Stamp, Digest)) {
+    let Some(Ok(decoder)) = file
+        .as_ref()
+        .and_then(|f| fs::File::open(f).ok())
+        .map(zstd::Decoder::new)
+    else {
+        return;
+    };
     // Postcard reads a path byte by byte: from a buffer, not from the decompressor.
     let decoded = io::BufReader::with_capacity(64 << 10, decoder);
     // Each path is copied into the scratch space; a longer one makes the cache unreadable,
     // that is empty.
     let mut scratch = vec![0u8; 64 << 10];
     let reader = postcard::de_flavors::io::io::IOReader::new(decoded, &mut scratch);
-    EachEntry(each)
-        .deserialize(&mut postcard::Deserializer::from_flavor(reader))
-        .ok()
+    // What was read before an error stands; the cache only ever saves work.
+    let _ = EachEntry(each).deserialize(&mut postcard::Deserializer::from_flavor(reader));
 }
 
 /// The entries of the cache file that `wanted` picks, in a map; what a damaged file held
